@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+
+from bot.settings import SettingsError, load_settings
+
+
+def test_defaults_run_locally_with_an_empty_environment() -> None:
+    settings = load_settings({}, dotenv=None)
+    assert settings.port == 5052
+    assert settings.realtime_model == "gpt-realtime"
+    assert settings.realtime_connect_url == "wss://api.openai.com/v1/realtime?model=gpt-realtime"
+    assert settings.cors_origins == ()
+    assert not settings.openai_enabled
+
+
+def test_the_seeds_openai_variable_is_an_alias_for_the_api_key() -> None:
+    assert load_settings({"OPENAI": "sk-seed"}, dotenv=None).openai_api_key == "sk-seed"
+    both = load_settings({"OPENAI": "sk-seed", "OPENAI_API_KEY": "sk-new"}, dotenv=None)
+    assert both.openai_api_key == "sk-new"
+
+
+def test_each_bad_value_is_reported_on_its_own_line_naming_the_variable() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(
+            {"PORT": "eighty", "AUDIO_FORMAT": "wav", "CORS_ORIGINS": "*", "STORE_PHONE_NUMBER": "555"},
+            dotenv=None,
+        )
+    lines = str(info.value).splitlines()[1:]
+    assert sorted(line.split(":")[0].strip() for line in lines) == [
+        "AUDIO_FORMAT", "CORS_ORIGINS", "PORT", "STORE_PHONE_NUMBER",
+    ]
+
+
+def test_values_of_secret_like_variables_are_never_echoed_in_errors() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({"TRANSFER_DTMF_KEY": "sk-secret-ish"}, dotenv=None)
+    assert "TRANSFER_DTMF_KEY" in str(info.value)
+    assert "sk-secret-ish" not in str(info.value)
+
+
+def test_the_realtime_url_must_not_carry_a_query_string() -> None:
+    with pytest.raises(SettingsError, match="OPENAI_REALTIME_URL"):
+        load_settings({"OPENAI_REALTIME_URL": "wss://x/v1/realtime?model=a"}, dotenv=None)
+
+
+def test_a_dotenv_file_fills_in_what_the_environment_lacks(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text('# comment\nexport PORT=6000\nREALTIME_VOICE="cedar"\n')
+    settings = load_settings({"PORT": "7000"}, dotenv=env_file)
+    assert settings.port == 7000
+    assert settings.realtime_voice == "cedar"
+
+
+def test_missing_secrets_disable_only_their_features() -> None:
+    settings = load_settings({"OPENAI_API_KEY": "sk-x"}, dotenv=None)
+    disabled = settings.disabled_features()
+    assert "realtime" not in disabled
+    assert {"sms", "webhook", "transfer"} <= set(disabled)

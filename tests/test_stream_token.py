@@ -1,0 +1,38 @@
+from bot.stream_token import check_stream_token, mint_stream_token
+
+KEY = b"k" * 32
+NOW = 1_800_000_000.0
+
+
+def test_a_fresh_token_is_accepted_for_its_call() -> None:
+    token = mint_stream_token(KEY, "CA1", NOW, ttl_s=120)
+    assert check_stream_token(KEY, token, "CA1", NOW + 60) is None
+
+
+def test_a_token_is_refused_for_another_call() -> None:
+    token = mint_stream_token(KEY, "CA1", NOW, ttl_s=120)
+    assert check_stream_token(KEY, token, "CA2", NOW) == "bad_signature"
+
+
+def test_an_expired_token_is_refused() -> None:
+    token = mint_stream_token(KEY, "CA1", NOW, ttl_s=120)
+    assert check_stream_token(KEY, token, "CA1", NOW + 121) == "expired"
+
+
+def test_a_token_made_with_another_key_is_refused() -> None:
+    token = mint_stream_token(b"other", "CA1", NOW, ttl_s=120)
+    assert check_stream_token(KEY, token, "CA1", NOW) == "bad_signature"
+
+
+def test_missing_and_malformed_tokens_are_refused_with_their_reason() -> None:
+    assert check_stream_token(KEY, None, "CA1", NOW) == "missing"
+    assert check_stream_token(KEY, "", "CA1", NOW) == "missing"
+    assert check_stream_token(KEY, "v1.abc.def", "CA1", NOW) == "malformed"
+    assert check_stream_token(KEY, "garbage", "CA1", NOW) == "malformed"
+
+
+def test_an_extended_expiry_breaks_the_signature() -> None:
+    token = mint_stream_token(KEY, "CA1", NOW, ttl_s=120)
+    version, expiry, mac = token.split(".")
+    forged = f"{version}.{int(expiry) + 3600}.{mac}"
+    assert check_stream_token(KEY, forged, "CA1", NOW + 500) == "bad_signature"
