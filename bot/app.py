@@ -1,0 +1,263 @@
+"""The web app: Twilio's voice webhook, the Media Streams socket, browser tokens, health.
+
+Routes are listed first; each handler is short and hands real work to its module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import uvicorn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from twilio.request_validator import RequestValidator, get_signature_algorithm
+
+from bot import __version__
+from bot.ephemeral import OpenAIRefused, OpenAIUnreachable, mint_client_secret
+from bot.logs import CallLog, configure_logging, mask_phone
+from bot.ratelimit import SlidingWindowLimiter
+from bot.settings import Settings, SettingsError, load_settings
+from bot.stream_token import mint_stream_token
+from bot.twiml import render_fallback_twiml, render_stream_twiml
+
+log = logging.getLogger(__name__)
+
+WS_MAX_MESSAGE_BYTES = 64 * 1024
+MAX_WEBHOOK_BODY_BYTES = 64 * 1024
+TWIML_MEDIA_TYPE = "text/xml"
+
+
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> Starlette:
+    routes = [
+        Route("/twiml/voice", voice_webhook, methods=["POST"]),
+        Route("/session", browser_session, methods=["GET", "OPTIONS"]),
+        Route("/healthz", healthz, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.runtime = Runtime(settings=settings, clock=clock)
+    return app
+
+
+@dataclass
+class Runtime:
+    """Everything the handlers share, built once per app."""
+
+    settings: Settings
+    clock: Callable[[], float]
+    stream_key: bytes = b""
+    session_limiter: SlidingWindowLimiter = field(init=False)
+    http: httpx.AsyncClient | None = None
+    degraded: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.stream_key = stream_signing_key(self.settings)
+        self.session_limiter = SlidingWindowLimiter(
+            self.settings.session_rate_limit_per_minute, 60.0, clock=self.clock
+        )
+
+
+def stream_signing_key(settings: Settings) -> bytes:
+    """The configured key; else one derived from the Twilio token; else a per-process secret."""
+    if settings.stream_signing_key:
+        return settings.stream_signing_key.encode()
+    if settings.twilio_auth_token:
+        return ("voicebot-stream-token:" + settings.twilio_auth_token).encode()
+    return secrets.token_bytes(32)
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    runtime: Runtime = app.state.runtime
+    for feature, reason in runtime.settings.disabled_features().items():
+        log.warning("feature disabled: %s", reason, extra={"feature": feature})
+    async with httpx.AsyncClient(follow_redirects=False) as http:
+        runtime.http = http
+        yield
+        runtime.http = None
+
+
+# --- POST /twiml/voice -----------------------------------------------------------------
+
+
+class VoiceWebhook(BaseModel):
+    """The fields of Twilio's incoming-call request that the bot relies on."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    CallSid: str = Field(pattern=r"^CA[0-9a-fA-F]{32}$")
+    AccountSid: str = Field(pattern=r"^AC[0-9a-fA-F]{32}$")
+    From: str = Field("", max_length=128)
+    To: str = Field("", max_length=128)
+
+
+async def voice_webhook(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    settings = runtime.settings
+    form = await read_form(request)
+    if form is None:
+        return Response(status_code=400)
+    if not twilio_signature_is_valid(request, form, settings):
+        log.warning("voice webhook refused: bad or missing signature", extra={"path": request.url.path})
+        return Response(status_code=403)
+    try:
+        call = VoiceWebhook.model_validate(dict(form))
+    except ValidationError:
+        log.warning("voice webhook refused: signed but not an incoming-call request")
+        return Response(status_code=400)
+    call_log = CallLog(log, call_sid=call.CallSid)
+    if not settings.openai_enabled:
+        call_log.warning("no OpenAI key: answering with the fallback TwiML")
+        return Response(render_fallback_twiml(settings), media_type=TWIML_MEDIA_TYPE)
+    token = mint_stream_token(
+        runtime.stream_key, call.CallSid, runtime.clock(), settings.stream_token_ttl_s
+    )
+    stream_url = websocket_base_url(public_base_url(request, settings)) + "/media-stream"
+    call_log.info(
+        "incoming call", extra={"caller": mask_phone(call.From), "called": mask_phone(call.To)}
+    )
+    twiml = render_stream_twiml(stream_url=stream_url, caller=call.From, called=call.To, token=token)
+    return Response(twiml, media_type=TWIML_MEDIA_TYPE)
+
+
+async def read_form(request: Request) -> FormData | None:
+    """The form body, or None when it is too large or cannot be parsed."""
+    declared = request.headers.get("content-length", "0")
+    if not declared.isdigit() or int(declared) > MAX_WEBHOOK_BODY_BYTES:
+        return None
+    try:
+        return await request.form(max_files=0, max_fields=200)
+    except Exception:  # Starlette raises several types for malformed bodies.
+        return None
+
+
+def public_base_url(request: Request, settings: Settings) -> str:
+    """The URL Twilio used to reach us: PUBLIC_URL, else what the proxy in front says."""
+    if settings.public_url:
+        return settings.public_url
+    proto = request.headers.get("x-forwarded-proto", request.url.scheme).split(",")[0].strip()
+    host = request.headers.get("x-forwarded-host") or request.headers.get("host", "")
+    return f"{proto}://{host.split(',')[0].strip()}"
+
+
+def websocket_base_url(http_base_url: str) -> str:
+    if http_base_url.startswith("https://"):
+        return "wss://" + http_base_url.removeprefix("https://")
+    return "ws://" + http_base_url.removeprefix("http://")
+
+
+def twilio_signature_is_valid(request: Request, form: FormData, settings: Settings) -> bool:
+    """Twilio signs the full public URL it requested plus the sorted form parameters."""
+    signature = request.headers.get("x-twilio-signature")
+    if not signature or not settings.twilio_auth_token:
+        return False
+    url = public_base_url(request, settings) + request.url.path
+    if request.url.query:
+        url += "?" + request.url.query
+    algorithm = get_signature_algorithm(
+        request.headers.get("x-twilio-webhooks-signature-settings")
+    )
+    validator = RequestValidator(settings.twilio_auth_token)
+    return bool(validator.validate(url, form, signature, algorithm=algorithm))
+
+
+# --- GET /session ----------------------------------------------------------------------
+
+
+async def browser_session(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    settings = runtime.settings
+    origin = request.headers.get("origin")
+    if origin is not None and origin.rstrip("/") not in settings.cors_origins:
+        return JSONResponse({"error": "origin not allowed"}, status_code=403)
+    cors = cors_headers(origin)
+    if request.method == "OPTIONS":
+        return Response(status_code=204, headers={**cors, **PREFLIGHT_HEADERS})
+    client = request.client.host if request.client else "unknown"
+    wait_s = runtime.session_limiter.hit(client)
+    if wait_s is not None:
+        headers = {**cors, "Retry-After": str(int(wait_s))}
+        return JSONResponse({"error": "too many requests"}, status_code=429, headers=headers)
+    if not settings.openai_enabled:
+        return JSONResponse(
+            {"error": "the Realtime API is not configured on this server (OPENAI_API_KEY)"},
+            status_code=503,
+            headers=cors,
+        )
+    assert runtime.http is not None, "the app's lifespan creates the HTTP client"
+    no_store = {**cors, "Cache-Control": "no-store"}
+    try:
+        secret = await mint_client_secret(runtime.http, settings)
+    except OpenAIRefused as exc:
+        log.warning("OpenAI refused a client secret", extra={"status": exc.status})
+        return JSONResponse({"error": f"OpenAI refused: {exc.message}"}, 502, headers=no_store)
+    except OpenAIUnreachable as exc:
+        log.warning("OpenAI unreachable for a client secret: %s", exc)
+        return JSONResponse({"error": "OpenAI did not answer"}, status_code=504, headers=no_store)
+    return JSONResponse(secret, headers=no_store)
+
+
+PREFLIGHT_HEADERS = {
+    "Access-Control-Allow-Methods": "GET, OPTIONS",
+    "Access-Control-Allow-Headers": "Content-Type",
+    "Access-Control-Max-Age": "600",
+}
+
+
+def cors_headers(origin: str | None) -> dict[str, str]:
+    """Only called for allowed origins (or none): echo the origin, never '*'."""
+    if origin is None:
+        return {"Vary": "Origin"}
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+
+
+# --- GET /healthz ----------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    body: dict[str, Any] = {
+        "status": "degraded" if runtime.degraded else "ok",
+        "version": __version__,
+        "features": runtime.settings.features(),
+    }
+    if runtime.degraded:
+        body["degraded"] = runtime.degraded
+    return JSONResponse(body)
+
+
+# --- python -m bot serve ---------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bot serve", description="Run the voice bot.")
+    parser.add_argument("--host", help="bind address (default: HOST or 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port (default: PORT or 5052)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        ws_max_size=WS_MAX_MESSAGE_BYTES,
+        log_config=None,
+        proxy_headers=True,
+    )
+    return 0

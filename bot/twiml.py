@@ -1,0 +1,42 @@
+"""Renders the TwiML documents in twiml/ (readable, copyable by operators) with per-call values."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from string import Template
+from xml.sax.saxutils import escape
+
+from bot.settings import PACKAGE_DIR, Settings
+
+TWIML_DIR = PACKAGE_DIR.parent / "twiml"
+_COMMENT = re.compile(r"<!--.*?-->\s*", re.DOTALL)
+
+
+@cache
+def _template(name: str) -> Template:
+    """The document without its operator comments (Twilio needs none of them)."""
+    return Template(_COMMENT.sub("", (TWIML_DIR / name).read_text(encoding="utf-8")))
+
+
+def _render(name: str, **values: str) -> str:
+    quoted = {key: escape(value, {'"': "&quot;"}) for key, value in values.items()}
+    return _template(name).substitute(quoted)
+
+
+def render_stream_twiml(*, stream_url: str, caller: str, called: str, token: str) -> str:
+    return _render("stream.xml", stream_url=stream_url, caller=caller, called=called, token=token)
+
+
+def render_fallback_twiml(settings: Settings) -> str:
+    """The apology, and a ring to the store when there is a number to ring."""
+    if settings.store_phone_number:
+        return _render("fallback_dial.xml", store_phone_number=settings.store_phone_number)
+    return _render("fallback.xml")
+
+
+def render_transfer_twiml(settings: Settings) -> str | None:
+    """None when no store number is configured: there is nobody to transfer to."""
+    if not settings.store_phone_number:
+        return None
+    return _render("transfer.xml", store_phone_number=settings.store_phone_number)
