@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 import httpx
 import uvicorn
@@ -133,14 +134,22 @@ async def voice_webhook(request: Request) -> Response:
 
 
 async def read_form(request: Request) -> FormData | None:
-    """The form body, or None when it is too large or cannot be parsed."""
+    """The url-encoded form (Twilio's only format), or None when too large or not decodable.
+
+    Any other content type reads as no fields, so it fails the signature check (403).
+    """
     declared = request.headers.get("content-length", "0")
     if not declared.isdigit() or int(declared) > MAX_WEBHOOK_BODY_BYTES:
         return None
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/x-www-form-urlencoded":
+        return FormData()
+    body = await request.body()
     try:
-        return await request.form(max_files=0, max_fields=200)
-    except Exception:  # Starlette raises several types for malformed bodies.
+        fields = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=200)
+    except (UnicodeDecodeError, ValueError):
         return None
+    return FormData(fields)
 
 
 def public_base_url(request: Request, settings: Settings) -> str:
