@@ -20,7 +20,7 @@ import httpx
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -149,7 +149,8 @@ async def read_form(request: Request) -> FormData | None:
         fields = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=200)
     except (UnicodeDecodeError, ValueError):
         return None
-    return FormData(fields)
+    items: list[tuple[str, str | UploadFile]] = [(name, value) for name, value in fields]
+    return FormData(items)
 
 
 def public_base_url(request: Request, settings: Settings) -> str:
