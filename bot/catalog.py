@@ -61,7 +61,7 @@ STOP_WORDS = frozenset(
     a about an and any are as at be but by can could do does for from get got have i i'd i'm
     im in is it its just let like looking me my need of on one or our please show some something
     that the them there these they this to us want wanted was we what which with would you your
-    find buy need needs tell know okay ok hi hello yes so well really very also
+    find buy needs tell know okay ok hi hello yes so well really very also
     """.split()
 )
 
@@ -107,7 +107,6 @@ CREATE TABLE products (
 CREATE VIRTUAL TABLE products_fts USING fts5(
     name, brand, description, faqs, tokenize = 'porter unicode61'
 );
-CREATE VIRTUAL TABLE products_vocab USING fts5vocab(products_fts, 'row');
 """
 
 
@@ -258,7 +257,12 @@ class _Index:
         self._lock = threading.Lock()
         self._term_cache: dict[str, tuple[str, ...]] = {}
         self._conn = sqlite3.connect(":memory:", check_same_thread=False)
-        self._conn.executescript(_SCHEMA)
+        try:
+            self._conn.executescript(_SCHEMA)
+        except sqlite3.OperationalError as exc:
+            raise RuntimeError(
+                f"SQLite {sqlite3.sqlite_version} lacks FTS5, which the catalog needs: {exc}"
+            ) from exc
         with self._conn:
             self._conn.execute(
                 "INSERT INTO products_fts (products_fts, rank) VALUES ('rank', ?)",
