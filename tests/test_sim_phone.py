@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import re
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class StandIn:
     """The app's side of a call: signed webhook in, TwiML out, a Media Streams socket to drive."""
 
     fallback: bool = False
+    refuse_upgrade: bool = False
     replay: bool = False
     base_url: str = ""
     webhooks: list[Webhook] = field(default_factory=list)
@@ -95,6 +97,9 @@ class StandIn:
         signature = websocket.headers.get("x-twilio-signature")
         valid = RequestValidator(AUTH_TOKEN).validate(str(websocket.url), {}, signature or "")
         self.upgrades.append((signature, valid))
+        if self.refuse_upgrade:
+            await websocket.close(code=1008)  # before accept: uvicorn answers HTTP 403
+            return
         await websocket.accept()
         self.socket = websocket
         self.ready.set()
@@ -383,6 +388,52 @@ async def test_fallback_twiml_without_a_stream_is_the_call_outcome(standin: Stan
     assert call.outcome == "no stream: Say 'Sorry, our assistant is unavailable. Goodbye.', Hangup"
     with pytest.raises(CallNotConnected):
         await call.say(TONE * 160)
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_webhook_is_the_call_outcome() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    call = await dial(f"http://127.0.0.1:{port}", account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN)
+    assert call.dial.status_code == 0
+    assert call.outcome.startswith("no stream: webhook failed (ConnectError")
+
+
+@pytest.mark.anyio
+async def test_a_refused_upgrade_is_reported_then_the_rest_of_the_twiml_plays(
+    standin: StandIn,
+) -> None:
+    standin.refuse_upgrade = True
+    call = await call_to(standin)
+    assert call.stream_error == "HTTP 403" and call.closed_by_app
+    assert call.outcome.startswith("stream refused (HTTP 403), then Say 'Sorry")
+
+
+@pytest.mark.anyio
+async def test_without_start_stream_only_connected_goes_until_send_start(
+    standin: StandIn,
+) -> None:
+    async with call_to(standin, start_stream=False, custom_parameters={"token": "bad"}) as call:
+        await standin.next("connected")
+        await asyncio.sleep(0.1)
+        assert standin.inbox.empty()
+        await call.send_start()
+        start = await standin.started()
+        await standin.next("media")
+    assert start["start"]["customParameters"] == {"token": "bad"}
+
+
+@pytest.mark.anyio
+async def test_a_phone_that_stopped_reading_still_hangs_up(standin: StandIn) -> None:
+    call = await call_to(standin)
+    await standin.started()
+    call.pause_reading()
+    await standin.send_media(TONE * 800)
+    await standin.send_media(TONE * 800)
+    async with asyncio.timeout(3):
+        await call.hang_up()
+    assert not call.connected and call.received_audio_ms() <= 100
 
 
 @pytest.mark.anyio

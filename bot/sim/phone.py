@@ -26,7 +26,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from collections import deque
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -120,9 +120,12 @@ class DialResult:
     parameters: dict[str, str]
     status_code: int
     verbs: tuple[TwimlVerb, ...] = ()
+    error: str = ""  # the webhook could not be fetched (status_code 0; Twilio's error 11200)
 
     def describe(self) -> str:
         """'stream ws://…', 'HTTP 403', 'invalid TwiML' or the verbs, e.g. "Say 'Sorry', Hangup"."""
+        if self.error:
+            return f"webhook failed ({self.error})"
         if self.status_code != 200:
             return f"HTTP {self.status_code}"
         if self.stream_url is not None:
@@ -383,24 +386,29 @@ class PhoneCall:
         if self._ws is None or self._hung_up:
             return
         self._hung_up = True
+        self._reading.set()
         if not self._closed.is_set():
             self._end_sample = self._now_sample()
             await self._stop_sender()
             if send_stop:
-                with contextlib.suppress(ConnectionClosed):
-                    async with self._send_lock:
-                        self._seq += 1
-                        message = {
-                            "event": "stop",
-                            "sequenceNumber": str(self._seq),
-                            "streamSid": self.stream_sid,
-                            "stop": {"accountSid": self.account_sid, "callSid": self.call_sid},
-                        }
-                        await self._send(json.dumps(message), "stop", "")
+                # An app that stopped reading must not keep the caller from hanging up.
+                with contextlib.suppress(CallEnded, TimeoutError):
+                    await asyncio.wait_for(self._send_stop(), STREAM_CLOSE_TIMEOUT_S)
             self._event("out", "close", "1000")
             await self._ws.close()
         if self._reader is not None:
             await asyncio.wait([self._reader])
+
+    async def _send_stop(self) -> None:
+        async with self._send_lock:
+            self._seq += 1
+            message = {
+                "event": "stop",
+                "sequenceNumber": str(self._seq),
+                "streamSid": self.stream_sid,
+                "stop": {"accountSid": self.account_sid, "callSid": self.call_sid},
+            }
+            await self._send(json.dumps(message), "stop", "")
 
     # ----------------------------------------------------------------- waiting
 
@@ -513,10 +521,11 @@ class PhoneCall:
             return
         self._event("in", "open", url)
         self._reader = asyncio.create_task(self._read(), name=f"phone-read-{self.call_sid}")
-        await self._send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}),
-                         "connected", "")
-        if start:
-            await self.send_start()
+        connected = {"event": "connected", "protocol": "Call", "version": "1.0.0"}
+        with contextlib.suppress(CallEnded):  # the reader records an app that closes at once
+            await self._send(json.dumps(connected), "connected", "")
+            if start:
+                await self.send_start()
 
     def _refused(self, reason: str) -> None:
         self.stream_error = reason
@@ -543,7 +552,10 @@ class PhoneCall:
     async def _send(self, frame: str | bytes, kind: str, detail: str) -> None:
         """Sends one message; callers hold `_send_lock` so sequence numbers go out in order."""
         assert self._ws is not None
-        await self._ws.send(frame)
+        try:
+            await self._ws.send(frame)
+        except ConnectionClosed as exc:
+            raise CallEnded(f"stream closed ({exc.rcvd.code if exc.rcvd else 1006})") from exc
         self._event("out", kind, detail)
 
     async def _queue(self, data: bytes, *, speech_end: int | None) -> None:
@@ -572,7 +584,7 @@ class PhoneCall:
                     next_due = time.monotonic()
                 await self._send_frame(ws, self._outbox[0] if self._outbox else None)
                 next_due += FRAME_S
-        except ConnectionClosed:
+        except (ConnectionClosed, CallEnded):
             return
 
     async def _send_frame(self, ws: ClientConnection, item: _Outgoing | None) -> None:
@@ -641,7 +653,7 @@ class PhoneCall:
                 if not self._reading.is_set():
                     await self._reading.wait()
                 await self._handle(message)
-        except ConnectionClosed:
+        except (ConnectionClosed, CallEnded):
             pass
         finally:
             self._on_closed()
@@ -784,9 +796,13 @@ async def _place_call(
             http = await stack.enter_async_context(
                 httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT_S, trust_env=False)
             )
-        response = await http.post(url, data=params, headers=headers)
-    events.append(PhoneEvent(time.monotonic() - t0, "in", "twiml", str(response.status_code)))
-    result = parse_twiml(response.text, response.status_code, url)
+        try:
+            response = await http.post(url, data=params, headers=headers)
+        except httpx.HTTPError as exc:
+            result = DialResult("", None, {}, 0, error=f"{type(exc).__name__}: {exc}")
+        else:
+            result = parse_twiml(response.text, response.status_code, url)
+    events.append(PhoneEvent(time.monotonic() - t0, "in", "twiml", str(result.status_code)))
     call = PhoneCall(
         result,
         account_sid=account_sid,
@@ -808,13 +824,12 @@ async def _place_call(
 class Dialing:
     """`await dial(...)` gives the PhoneCall; `async with dial(...) as call` also hangs up."""
 
-    def __init__(self, place: Callable[[], Any]) -> None:
+    def __init__(self, place: Callable[[], Coroutine[Any, Any, PhoneCall]]) -> None:
         self._place = place
         self._call: PhoneCall | None = None
 
     def __await__(self) -> Generator[Any, None, PhoneCall]:
-        call: PhoneCall = yield from self._place().__await__()
-        return call
+        return (yield from self._place().__await__())
 
     async def __aenter__(self) -> PhoneCall:
         self._call = await self._place()
@@ -852,7 +867,7 @@ def dial(
     Pass a shared `http` client when placing many calls.
     """
 
-    def place() -> Any:
+    def place() -> Coroutine[Any, Any, PhoneCall]:
         return _place_call(
             app_url,
             account_sid=account_sid,
