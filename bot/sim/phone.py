@@ -320,7 +320,11 @@ class PhoneCall:
         return self._ws is not None and not self._closed.is_set()
 
     async def say(self, ulaw: bytes) -> None:
-        """Streams mu-law 8 kHz speech; returns once its last frame is sent (silence follows)."""
+        """Streams mu-law 8 kHz speech; returns once its last frame is sent (silence follows).
+
+        The turn (for reply latency) ends at the last loud frame, not at trailing silence.
+        Raises CallEnded if the stream closes first.
+        """
         await self._queue(ulaw, speech_end=speech_end_offset(ulaw))
 
     async def silence(self, ms: int) -> None:
@@ -528,6 +532,7 @@ class PhoneCall:
                 await self.send_start()
 
     def _refused(self, reason: str) -> None:
+        self._end_sample = self._now_sample()
         self.stream_error = reason
         self.closed_by_app = True
         self._event("in", "refused", reason)
@@ -693,7 +698,7 @@ class PhoneCall:
         self._event("in", "protocol_error", what)
 
     def _play(self, audio: bytes) -> None:
-        if self._end_sample is not None:
+        if self._end_sample is not None or not audio:
             return
         if audio[:4] == b"RIFF":
             self._protocol_error("media payload starts with a WAV header")
@@ -818,6 +823,8 @@ async def _place_call(
             stream_headers[SIGNATURE_HEADER] = compute_signature(auth_token, result.stream_url, {})
         parameters = result.parameters if custom_parameters is None else custom_parameters
         await call._open(result.stream_url, stream_headers, parameters, start_stream)
+    else:
+        call._end_sample = call._now_sample()
     return call
 
 
