@@ -1,0 +1,879 @@
+"""The conversation state of one phone call, sans-I/O: messages in, actions out.
+
+`Call` is fed Twilio Media Streams messages and Realtime server events (dicts, parsed once)
+and answers with a list of actions: frames for Twilio, events for Realtime, tools to run, a
+transfer or hang-up to perform. It never touches a socket, never sleeps and never reads a
+clock: every method takes `now_ms` (a monotonic millisecond count the bridge supplies), and
+`next_deadline()` says when the bridge must call `tick()` next. So barge-in, mark accounting,
+pacing and tool round trips are tested as plain function calls.
+
+What the caller has heard is counted only from the marks Twilio echoes (never from the
+inbound clock); mark names carry a generation number so marks flushed by a `clear` are not
+counted against newer audio.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from bot.audio import InboundTranscoder, OutboundTranscoder, mulaw_silence
+from bot.tools import AGENT_INSTRUCTIONS, GREETING_INSTRUCTIONS, ToolResult
+from bot.twilio_stream import Dtmf, InboundMessage, Mark, Media, Outbound, Start
+
+FRAME_MS = 20
+MULAW_BYTES_PER_MS = 8
+PCM24K_BYTES_PER_MS = 48
+FRAME_BYTES = FRAME_MS * MULAW_BYTES_PER_MS
+
+# Down-link pacing: model audio reaches Twilio at most PACE_RATE x real time after an initial
+# burst, and never more than PACE_MAX_LEAD_MS ahead of playback, so a `clear` flushes little.
+PACE_RATE = 2
+PACE_BURST_MS = 200
+PACE_MAX_LEAD_MS = 600
+PACE_TICK_MS = 40
+# Up-link gaps: silence stands in for missing caller audio so the server VAD can end a turn.
+GAP_FILL_MAX_MS = 1000
+INPUT_STALL_MS = 750
+INPUT_STALL_SILENCE_MS = 1000
+# Marks that never come back (a stuck Twilio) stop counting as unplayed audio after this.
+MARK_GRACE_MS = 2000
+# After the caller stops, the server VAD starts its own response; ours would collide with it.
+RESPONSE_HOLD_MS = 1500
+ROTATION_RETRY_MS = 500
+MAX_RESTORED_ENTRIES = 40
+DTMF_DIGITS = frozenset("0123456789*#ABCD")
+
+TRANSFER_LINE = (
+    "Tell the caller in one short sentence that you are connecting them to a person at the "
+    "store now. Do not call any tool."
+)
+GOODBYE_LINE = "Say a short, friendly goodbye in one sentence. Do not call any tool."
+RESUME_LINE = (
+    "The phone line dropped for a moment. Apologise in a few words, then continue the "
+    "conversation where it left off."
+)
+TRANSFER_CANCELLED_NOTE = (
+    "The caller spoke before the transfer happened, so the call was not transferred. "
+    "Ask whether they still want to speak to a person."
+)
+END_CANCELLED_NOTE = "The caller spoke during the goodbye, so the call did not end. Listen to them."
+
+
+# --- actions --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ToTwilio:
+    """A text frame for the Media Streams socket."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToRealtime:
+    """A client event (JSON text) for the Realtime socket; `audio` frames may be dropped."""
+
+    text: str
+    audio: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RunTool:
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """Move the live call to a person (the bot's "connecting you" has played)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HangUp:
+    """End the phone call (the goodbye has played)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RotateSession:
+    """Open a fresh Realtime session now: this is a turn boundary and the old one is aging."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """The Realtime session is unusable (it expired); replace it the way a drop is handled."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """Something worth one structured log line (never per frame, never audio or secrets)."""
+
+    event: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+Action = ToTwilio | ToRealtime | RunTool | Transfer | HangUp | RotateSession | Reconnect | Note
+
+
+# --- records --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TranscriptEntry:
+    """One turn: what the caller said, what the caller heard the bot say, or a tool call."""
+
+    role: Literal["user", "assistant", "tool"]
+    text: str
+    at_ms: int
+    interrupted: bool = False
+    tool_name: str | None = None
+    call_id: str | None = None
+    arguments: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"role": self.role, "text": self.text, "at_ms": self.at_ms}
+        if self.interrupted:
+            entry["interrupted"] = True
+        if self.role == "tool":
+            entry.update(name=self.tool_name, call_id=self.call_id, arguments=self.arguments)
+        return entry
+
+
+@dataclass(slots=True)
+class ResponseStats:
+    """Latency and cost of one model response."""
+
+    response_id: str
+    created_ms: int
+    status: str = "in_progress"
+    had_audio: bool = False
+    first_audio_latency_ms: int | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "response_id": self.response_id,
+            "status": self.status,
+            "first_audio_latency_ms": self.first_audio_latency_ms,
+            "usage": self.usage,
+        }
+
+
+@dataclass(slots=True, eq=False)
+class _Item:
+    """One assistant item's audio on its way to the caller."""
+
+    item_id: str
+    response_id: str
+    first_ms: int
+    stats: ResponseStats | None
+    received_bytes: int = 0
+    buf: bytearray = field(default_factory=bytearray)
+    sent_bytes: int = 0
+    heard_ms: int = 0
+    audio_done: bool = False
+    entry: TranscriptEntry | None = None
+
+
+@dataclass(slots=True)
+class _ToolCall:
+    response_id: str
+    entry: TranscriptEntry
+    session: int
+    answered: bool = False
+
+
+@dataclass(slots=True)
+class _PendingAction:
+    """A transfer or hang-up waiting for the bot's last words to be heard."""
+
+    kind: Literal["transfer", "end_call"]
+    reason: str
+    cancellable: bool
+
+
+# --- the call -------------------------------------------------------------------------
+
+
+class Call:
+    """One call's state machine. Feed it; execute what it returns, in order."""
+
+    def __init__(
+        self,
+        *,
+        call_sid: str,
+        stream_sid: str,
+        now_ms: int,
+        audio_format: Literal["pcm16", "pcmu"],
+        transfer_key: str | None = "0",
+        session_max_ms: int = 55 * 60 * 1000,
+    ) -> None:
+        """`pcm16` transcodes both ways; `pcmu` passes Twilio's mu-law through untouched."""
+        self.call_sid = call_sid
+        self.out = Outbound(stream_sid)
+        self.started_ms = now_ms
+        transcode = audio_format == "pcm16"
+        self._uplink = InboundTranscoder() if transcode else None
+        self._downlink = OutboundTranscoder() if transcode else None
+        self._model_bytes_per_ms = PCM24K_BYTES_PER_MS if transcode else MULAW_BYTES_PER_MS
+        self._transfer_key = transfer_key
+        self._session_max_ms = session_max_ms
+
+        self.transcript: list[TranscriptEntry] = []
+        self.responses: list[ResponseStats] = []
+        self.interruptions = 0
+        self.gap_fill_ms = 0
+        self.sessions = 0
+        self.outcome: Literal["transferred", "ended_by_bot"] | None = None
+
+        # down-link
+        self._gen = 0
+        self._gen_tag = "0"
+        self._playing: dict[str, _Item] = {}
+        self._queue: deque[_Item] = deque()
+        self._unacked = 0
+        self._credit = float(PACE_BURST_MS)
+        self._credit_at = now_ms
+        self._playout_end = now_ms
+        self._last_forward_ms = now_ms - PACE_TICK_MS
+        self._cut: dict[str, tuple[int, int]] = {}
+        self._discarded: set[str] = set()
+
+        # responses and tools
+        self._active: ResponseStats | None = None
+        self._stats: dict[str, ResponseStats] = {}
+        self._requested = False
+        self._request_count = 0
+        self._request_id: str | None = None
+        self._request_body: dict[str, Any] | None = None
+        self._want: dict[str, Any] | None = None
+        self._tools: dict[str, _ToolCall] = {}
+        self._unanswered = 0
+        self._hold_until = now_ms
+        self._followups: dict[str, bool] = {}
+        self._pending: _PendingAction | None = None
+        self._ended = False
+
+        # up-link
+        self._next_input_ts: int | None = None
+        self._last_media_ms: int | None = None
+        self._stall_padded = False
+        self._user_speaking = False
+        self._speech_stopped_ms: int | None = None
+        self._user_turn_at: dict[str, int] = {}
+
+        # session
+        self._session_live = False
+        self._session_started_ms = now_ms
+        self._rotating = False
+        self._resume_needed = False
+        self._last_tick_ms = now_ms
+
+        self._realtime_handlers = {
+            "response.output_audio.delta": self._on_audio_delta,
+            "response.output_audio.done": self._on_audio_done,
+            "input_audio_buffer.speech_started": self._on_speech_started,
+            "input_audio_buffer.speech_stopped": self._on_speech_stopped,
+            "response.created": self._on_response_created,
+            "response.done": self._on_response_done,
+            "response.output_audio_transcript.done": self._on_output_transcript,
+            "conversation.item.input_audio_transcription.completed": self._on_input_transcript,
+            "response.function_call_arguments.done": self._on_function_call,
+            "error": self._on_error,
+        }
+
+    # --- Twilio side ------------------------------------------------------------------
+
+    def on_twilio(self, message: InboundMessage, now_ms: int) -> list[Action]:
+        """A parsed Media Streams message (after `start`, which the bridge handles)."""
+        if type(message) is Media:
+            return self._on_media(message, now_ms)
+        if isinstance(message, Mark):
+            self._on_mark(message.name)
+            return self._settle(now_ms) if self._pending is not None else []
+        if isinstance(message, Dtmf):
+            return self._on_dtmf(message.digit, now_ms)
+        if isinstance(message, Start):
+            return [Note("duplicate_start_ignored", {"stream_sid": message.stream_sid})]
+        return []
+
+    def _on_media(self, media: Media, now_ms: int) -> list[Action]:
+        actions: list[Action] = []
+        expected = self._next_input_ts
+        ts = media.timestamp_ms
+        if expected is not None and ts - expected >= FRAME_MS:
+            fill_ms = min(ts - expected, GAP_FILL_MAX_MS)
+            self.gap_fill_ms += fill_ms
+            actions.append(self._silence(fill_ms))
+        end = ts + len(media.audio) // MULAW_BYTES_PER_MS
+        if expected is None or end > expected:
+            self._next_input_ts = end
+        self._last_media_ms = now_ms
+        self._stall_padded = False
+        if self._uplink is None:
+            audio = media.payload
+        else:
+            audio = base64.b64encode(self._uplink.convert(media.audio)).decode("ascii")
+        actions.append(ToRealtime(_append_text(audio), audio=True))
+        return actions
+
+    def _silence(self, duration_ms: int) -> ToRealtime:
+        mulaw = mulaw_silence(duration_ms)
+        audio = mulaw if self._uplink is None else self._uplink.convert(mulaw)
+        return ToRealtime(_append_text(base64.b64encode(audio).decode("ascii")), audio=True)
+
+    def _on_mark(self, name: str) -> None:
+        gen, _, rest = name.partition(":")
+        if gen != self._gen_tag:
+            return
+        if self._unacked > 0:
+            self._unacked -= 1
+        heard, _, item_id = rest.partition(":")
+        item = self._playing.get(item_id)
+        if item is None or not heard.isdigit():
+            return
+        item.heard_ms = max(item.heard_ms, int(heard))
+        if item.audio_done and not item.buf and item.heard_ms >= item.sent_bytes // MULAW_BYTES_PER_MS:
+            del self._playing[item_id]
+
+    def _on_dtmf(self, digit: str, now_ms: int) -> list[Action]:
+        if digit not in DTMF_DIGITS:
+            return [Note("dtmf_invalid_digit_ignored")]
+        if digit != self._transfer_key or self._pending is not None or self._ended:
+            return []
+        actions: list[Action] = [Note("dtmf_transfer_requested", {"digit": digit})]
+        if self._unplayed(now_ms):
+            actions += self._interrupt(now_ms, truncate=True)
+        if self._active is not None:
+            actions.append(ToRealtime(json.dumps({"type": "response.cancel"})))
+            self._discarded.add(self._active.response_id)
+        self._pending = _PendingAction("transfer", "caller pressed the transfer key", False)
+        self._want = _line(TRANSFER_LINE)
+        return actions + self._settle(now_ms)
+
+    # --- Realtime side ----------------------------------------------------------------
+
+    def on_realtime(self, event: dict[str, Any], now_ms: int) -> list[Action]:
+        """A Realtime server event, already parsed; unknown types are ignored."""
+        handler = self._realtime_handlers.get(event.get("type", ""))
+        if handler is None:
+            return []
+        return handler(event, now_ms)
+
+    def _on_audio_delta(self, event: dict[str, Any], now_ms: int) -> list[Action]:
+        response_id = event.get("response_id", "")
+        if response_id in self._discarded or self._ended:
+            return []
+        try:
+            raw = binascii.a2b_base64(event.get("delta", ""), strict_mode=True)
+        except binascii.Error:
+            return [Note("realtime_bad_audio_delta")]
+        item_id = event.get("item_id", "")
+        item = self._playing.get(item_id)
+        if item is None:
+            stats = self._stats.get(response_id)
+            item = _Item(item_id, response_id, now_ms, stats)
+            self._playing[item_id] = item
+            self._queue.append(item)
+            if stats is not None:
+                stats.had_audio = True
+        item.received_bytes += len(raw)
+        item.buf += raw if self._downlink is None else self._downlink.convert(raw)
+        return self._forward(now_ms)
+
+    def _on_audio_done(self, event: dict[str, Any], now_ms: int) -> list[Action]:
+        item = self._playing.get(event.get("item_id", ""))
+        if item is None or item.audio_done:
+            return []
+        if self._downlink is not None:
+            item.buf += self._downlink.flush()
+        item.audio_done = True
+        return self._forward(now_ms)
+
+    def _on_speech_started(self, event: dict[str, Any], now_ms: int) -> list[Action]:
+        self._user_speaking = True
+        item_id = event.get("item_id")
+        if isinstance(item_id, str):
+            self._user_turn_at[item_id] = now_ms
+        actions: list[Action] = []
+        if self._unplayed(now_ms):
+            actions += self._interrupt(now_ms, truncate=True)
+        elif self._active is not None:
+            # Nothing reached the caller yet; the server cancels the response itself.
+            self._discarded.add(self._active.response_id)
+        # Outputs already in the conversation reach the model through the caller's new turn.
+        for response_id in [r for r, done in self._followups.items() if done and self._answered(r)]:
+            del self._followups[response_id]
+        pending = self._pending
+        if pending is not None and pending.cancellable:
+            self._pending = None
+            self._want = None
+            note = TRANSFER_CANCELLED_NOTE if pending.kind == "transfer" else END_CANCELLED_NOTE
+            actions.append(ToRealtime(_system_item(note)))
+            actions.append(Note("call_action_cancelled_by_caller", {"action": pending.kind}))
+        return actions
+
+    def _on_speech_stopped(self, event: dict[str, Any], now_ms: int) -> list[Action]:
+        self._user_speaking = False
+        self._speech_stopped_ms = now_ms
+        self._hold_until = now_ms + RESPONSE_HOLD_MS
+        return []
+
+    def _on_response_created(self, event: dict[str, Any], now_ms: int) -> list[Action]:
+        response = event.get("response") or {}
+        response_id = response.get("id", "")
+        stats = ResponseStats(response_id, now_ms)
+        self._stats[response_id] = stats
+        self._active = stats
+        self._requested = False
+        self._hold_until = now_ms
+        # This response already sees every tool output sent so far: no follow-up needed.
+        for origin in [r for r in self._followups if self._answered(r)]:
+            del self._followups[origin]
+        return []
+
+    def _on_response_done(self, event: dict[str, Any], now_ms: int) -> list[Action]:
+        response = event.get("response") or {}
+        response_id = response.get("id", "")
+        stats = self._stats.pop(response_id, None) or ResponseStats(response_id, now_ms)
+        stats.status = str(response.get("status", ""))
+        stats.usage = _usage(response.get("usage"))
+        self.responses.append(stats)
+        if self._active is not None and self._active.response_id == response_id:
+            self._active = None
+        self._discarded.discard(response_id)
+        if response_id in self._followups:
+            self._followups[response_id] = True
+        note = Note("response_done", {"response_id": response_id, **stats.as_dict()})
+        return [note, *self._settle(now_ms)]
+
+    def _on_output_transcript(self, event: dict[str, Any], now_ms: int) -> list[Action]:
+        item_id = event.get("item_id", "")
+        text = str(event.get("transcript", ""))
+        item = self._playing.get(item_id)
+        entry = TranscriptEntry("assistant", text, now_ms if item is None else item.first_ms)
+        if item is not None:
+            item.entry = entry
+        elif item_id in self._cut:
+            heard_ms, received_ms = self._cut.pop(item_id)
+            entry.text = _trim_to_heard(text, heard_ms, received_ms)
+            entry.interrupted = True
+        if entry.text:
+            self.transcript.append(entry)
+        return []
+
+    def _on_input_transcript(self, event: dict[str, Any], now_ms: int) -> list[Action]:
+        at_ms = self._user_turn_at.pop(str(event.get("item_id", "")), now_ms)
+        self.transcript.append(TranscriptEntry("user", str(event.get("transcript", "")), at_ms))
+        return []
+
+    def _on_function_call(self, event: dict[str, Any], now_ms: int) -> list[Action]:
+        call_id = str(event.get("call_id", ""))
+        name = str(event.get("name", ""))
+        arguments = str(event.get("arguments", ""))
+        response_id = str(event.get("response_id", ""))
+        entry = TranscriptEntry("tool", "", now_ms, tool_name=name, call_id=call_id, arguments=arguments)
+        self.transcript.append(entry)
+        self._tools[call_id] = _ToolCall(response_id, entry, self.sessions)
+        self._unanswered += 1
+        self._followups.setdefault(response_id, False)
+        return [RunTool(call_id, name, arguments)]
+
+    def on_tool_result(self, call_id: str, result: ToolResult, now_ms: int) -> list[Action]:
+        """A tool finished: its output goes to the model; a follow-up response comes later."""
+        tool = self._tools.get(call_id)
+        if tool is None or tool.answered:
+            return []
+        tool.answered = True
+        self._unanswered -= 1
+        tool.entry.text = result.output
+        actions: list[Action] = []
+        if self._session_live:
+            if tool.session != self.sessions:
+                # Asked in a session that has since been replaced: the call is not there yet.
+                actions.append(ToRealtime(_create(_function_call_item(tool.entry))))
+            item = {"type": "function_call_output", "call_id": call_id, "output": result.output}
+            actions.append(ToRealtime(_create(item)))
+        if result.action is not None and self._pending is None and not self._ended:
+            kind = result.action
+            self._pending = _PendingAction(kind, f"tool {tool.entry.tool_name}", True)
+            self._followups.pop(tool.response_id, None)
+            if not self._spoke(tool.response_id):
+                self._want = _line(TRANSFER_LINE if kind == "transfer" else GOODBYE_LINE)
+        return actions + self._settle(now_ms)
+
+    def _on_error(self, event: dict[str, Any], now_ms: int) -> list[Action]:
+        error = event.get("error") or {}
+        code = error.get("code")
+        fields = {"code": code, "type": error.get("type"), "message": str(error.get("message", ""))[:200]}
+        actions: list[Action] = [Note("realtime_error", fields)]
+        if code == "session_expired":
+            actions.append(Reconnect("session_expired"))
+        elif code == "conversation_already_has_active_response" and error.get("event_id") == self._request_id:
+            # Our response.create lost a race with the server's own; ask again when idle.
+            self._requested = False
+            self._request_id = None
+            if self._want is None:
+                self._want = self._request_body
+        return actions
+
+    # --- session lifecycle ------------------------------------------------------------
+
+    def session_opened(self, now_ms: int) -> list[Action]:
+        """A Realtime session is configured: greet, or restore the conversation into it."""
+        self._session_live = True
+        self._session_started_ms = now_ms
+        first = self.sessions == 0
+        self.sessions += 1
+        if first:
+            self._want = _line(GREETING_INSTRUCTIONS)
+            return self._settle(now_ms)
+        actions: list[Action] = [ToRealtime(text) for text in self._restore_items()]
+        if self._rotating:
+            self._rotating = False
+        elif self._resume_needed and self._want is None and self._pending is None:
+            self._want = _line(RESUME_LINE if self.transcript else GREETING_INSTRUCTIONS)
+        self._resume_needed = False
+        return actions + self._settle(now_ms)
+
+    def session_lost(self, now_ms: int) -> list[Action]:
+        """The Realtime socket is gone: stop playback; the next session resumes the talk."""
+        self._resume_needed = (
+            self._resume_needed
+            or self._active is not None
+            or self._requested
+            or self._unplayed(now_ms)
+            or self._unanswered > 0
+            or any(self._followups.values())
+        )
+        actions: list[Action] = []
+        if self._unplayed(now_ms):
+            actions += self._interrupt(now_ms, truncate=False)
+        self._session_live = False
+        self._active = None
+        self._stats.clear()
+        self._requested = False
+        if self._want is not None and self._want.get("response") is None:
+            self._want = None
+        self._followups.clear()
+        self._user_speaking = False
+        self._rotating = False
+        return actions
+
+    def _restore_items(self) -> list[str]:
+        events: list[str] = []
+        entries = sorted(self.transcript, key=lambda e: e.at_ms)[-MAX_RESTORED_ENTRIES:]
+        for entry in entries:
+            items: list[dict[str, Any]] = []
+            if entry.role == "user" and entry.text:
+                items.append(_message("user", "input_text", entry.text))
+            elif entry.role == "assistant" and entry.text:
+                items.append(_message("assistant", "output_text", entry.text))
+            elif entry.role == "tool" and entry.text:
+                items.append(_function_call_item(entry))
+                items.append({"type": "function_call_output", "call_id": entry.call_id, "output": entry.text})
+            events += [_create(item) for item in items]
+        return events
+
+    # --- time -------------------------------------------------------------------------
+
+    def tick(self, now_ms: int) -> list[Action]:
+        """Timed work: paced audio, silence for a stalled caller, a due action or rotation."""
+        self._last_tick_ms = now_ms
+        actions = self._forward(now_ms)
+        if (
+            self._user_speaking
+            and not self._stall_padded
+            and self._last_media_ms is not None
+            and now_ms - self._last_media_ms >= INPUT_STALL_MS
+        ):
+            self._stall_padded = True
+            if self._next_input_ts is not None:
+                self._next_input_ts += INPUT_STALL_SILENCE_MS
+            self.gap_fill_ms += INPUT_STALL_SILENCE_MS
+            actions.append(self._silence(INPUT_STALL_SILENCE_MS))
+        actions += self._settle(now_ms)
+        if self._rotation_due(now_ms):
+            self._rotating = True
+            actions.append(RotateSession())
+        return actions
+
+    def next_deadline(self) -> int | None:
+        """The `now_ms` at which `tick` has work to do, or None while only input can help."""
+        candidates: list[int] = []
+        head = self._queue[0] if self._queue else None
+        if head is not None and (len(head.buf) >= FRAME_BYTES or (head.audio_done and head.buf)):
+            short = FRAME_MS - self._credit
+            credit_at = self._credit_at + (int(-(-short // PACE_RATE)) if short > 0 else 0)
+            candidates.append(
+                max(credit_at, self._playout_end - PACE_MAX_LEAD_MS, self._last_forward_ms + PACE_TICK_MS)
+            )
+        if self._user_speaking and not self._stall_padded and self._last_media_ms is not None:
+            candidates.append(self._last_media_ms + INPUT_STALL_MS)
+        if self._pending is not None and self._unacked > 0:
+            candidates.append(self._playout_end + MARK_GRACE_MS)
+        if self._session_live and not self._rotating:
+            due = self._session_started_ms + self._session_max_ms
+            candidates.append(max(due, self._last_tick_ms + ROTATION_RETRY_MS))
+        if (self._want is not None or self._followups) and self._hold_until > self._last_tick_ms:
+            candidates.append(self._hold_until)
+        return min(candidates) if candidates else None
+
+    # --- down-link internals ----------------------------------------------------------
+
+    def _forward(self, now_ms: int) -> list[Action]:
+        """Send as many 20 ms frames as pacing allows, each followed by its mark."""
+        if not self._queue:
+            return []
+        credit = min(float(PACE_BURST_MS), self._credit + (now_ms - self._credit_at) * PACE_RATE)
+        self._credit_at = now_ms
+        actions: list[Action] = []
+        out = self.out
+        while self._queue and credit >= FRAME_MS and self._playout_end - now_ms < PACE_MAX_LEAD_MS:
+            item = self._queue[0]
+            buf = item.buf
+            if len(buf) < FRAME_BYTES and not item.audio_done:
+                break
+            chunk = bytes(buf[:FRAME_BYTES])
+            del buf[:FRAME_BYTES]
+            if chunk:
+                if item.sent_bytes == 0:
+                    self._first_frame(item, now_ms)
+                item.sent_bytes += len(chunk)
+                duration_ms = len(chunk) / MULAW_BYTES_PER_MS
+                credit -= duration_ms
+                self._playout_end = max(self._playout_end, now_ms) + int(duration_ms)
+                name = f"{self._gen_tag}:{item.sent_bytes // MULAW_BYTES_PER_MS}:{item.item_id}"
+                actions.append(ToTwilio(out.media(base64.b64encode(chunk).decode("ascii"))))
+                actions.append(ToTwilio(out.mark(name)))
+                self._unacked += 1
+            if not buf and item.audio_done:
+                self._queue.popleft()
+        self._credit = credit
+        if actions:
+            self._last_forward_ms = now_ms
+        return actions
+
+    def _first_frame(self, item: _Item, now_ms: int) -> None:
+        stopped = self._speech_stopped_ms
+        stats = item.stats
+        if stopped is not None and stats is not None and stats.created_ms >= stopped:
+            stats.first_audio_latency_ms = now_ms - stopped
+            self._speech_stopped_ms = None
+
+    def _unplayed(self, now_ms: int) -> bool:
+        """Is bot audio still queued, in flight, or being generated for the caller?"""
+        if self._queue:
+            return True
+        if self._unacked > 0 and now_ms < self._playout_end + MARK_GRACE_MS:
+            return True
+        active = self._active
+        return active is not None and any(
+            item.response_id == active.response_id and not item.audio_done for item in self._playing.values()
+        )
+
+    def _interrupt(self, now_ms: int, *, truncate: bool) -> list[Action]:
+        """Stop the bot mid-sentence: flush Twilio and make the history match what was heard."""
+        actions: list[Action] = [ToTwilio(self.out.clear())]
+        heard_report: dict[str, int] = {}
+        for item in self._playing.values():
+            received_ms = item.received_bytes // self._model_bytes_per_ms
+            heard_ms = min(item.heard_ms, received_ms)
+            heard_report[item.item_id] = heard_ms
+            if truncate and heard_ms <= 0:
+                event: dict[str, Any] = {"type": "conversation.item.delete", "item_id": item.item_id}
+                actions.append(ToRealtime(json.dumps(event)))
+            elif truncate:
+                event = {
+                    "type": "conversation.item.truncate",
+                    "item_id": item.item_id,
+                    "content_index": 0,
+                    "audio_end_ms": heard_ms,
+                }
+                actions.append(ToRealtime(json.dumps(event)))
+            if item.entry is not None:
+                item.entry.text = _trim_to_heard(item.entry.text, heard_ms, received_ms)
+                item.entry.interrupted = True
+            else:
+                self._cut[item.item_id] = (heard_ms, received_ms)
+            self._discarded.add(item.response_id)
+        if self._active is not None:
+            self._discarded.add(self._active.response_id)
+        self._playing.clear()
+        self._queue.clear()
+        self._gen += 1
+        self._gen_tag = str(self._gen)
+        self._unacked = 0
+        self._playout_end = now_ms
+        if self._downlink is not None:
+            self._downlink.reset()
+        self.interruptions += 1
+        actions.append(Note("barge_in" if truncate else "playback_stopped", {"heard_ms": heard_report}))
+        return actions
+
+    # --- responses, follow-ups and call actions ---------------------------------------
+
+    def _settle(self, now_ms: int) -> list[Action]:
+        """Start a wanted response when the conversation is free; fire a due call action."""
+        if self._want is None and not self._followups and self._pending is None:
+            return []
+        actions: list[Action] = []
+        idle = (
+            self._session_live
+            and self._active is None
+            and not self._requested
+            and not self._user_speaking
+            and not self._ended
+            and now_ms >= self._hold_until
+        )
+        if idle and self._want is None:
+            ready = [rid for rid, done in self._followups.items() if done and self._answered(rid)]
+            if ready:
+                for rid in ready:
+                    del self._followups[rid]
+                self._want = {"type": "response.create"}
+        if idle and self._want is not None:
+            self._request_count += 1
+            self._request_id = f"bot_response_{self._request_count}"
+            self._request_body = self._want
+            actions.append(ToRealtime(json.dumps({**self._want, "event_id": self._request_id})))
+            self._want = None
+            self._requested = True
+        pending = self._pending
+        if (
+            pending is not None
+            and not self._ended
+            and self._active is None
+            and not self._requested
+            and self._want is None
+            and not self._queue
+            and (self._unacked == 0 or now_ms >= self._playout_end + MARK_GRACE_MS)
+            and self._unanswered == 0
+        ):
+            self._pending = None
+            self._ended = True
+            if pending.kind == "transfer":
+                self.outcome = "transferred"
+                actions.append(Transfer(pending.reason))
+            else:
+                self.outcome = "ended_by_bot"
+                actions.append(HangUp(pending.reason))
+        return actions
+
+    def _answered(self, response_id: str) -> bool:
+        return all(tool.answered for tool in self._tools.values() if tool.response_id == response_id)
+
+    def _spoke(self, response_id: str) -> bool:
+        """Did this response produce audio (so its words come before a transfer or hang-up)?"""
+        stats = self._stats.get(response_id)
+        if stats is not None:
+            return stats.had_audio
+        return any(r.response_id == response_id and r.had_audio for r in self.responses)
+
+    def _rotation_due(self, now_ms: int) -> bool:
+        return (
+            self._session_live
+            and not self._rotating
+            and not self._ended
+            and now_ms - self._session_started_ms >= self._session_max_ms
+            and self._active is None
+            and not self._requested
+            and self._want is None
+            and not self._user_speaking
+            and not self._unplayed(now_ms)
+            and self._pending is None
+            and self._unanswered == 0
+        )
+
+    # --- the end-of-call record -------------------------------------------------------
+
+    def record(self, now_ms: int) -> dict[str, Any]:
+        """Transcript, duration, per-turn latency and token usage, for the call.completed event."""
+        totals: dict[str, int] = {}
+        for stats in self.responses:
+            for key, value in stats.usage.items():
+                totals[key] = totals.get(key, 0) + value
+        return {
+            "call_sid": self.call_sid,
+            "duration_s": round((now_ms - self.started_ms) / 1000, 3),
+            "outcome": self.outcome or "caller_hung_up",
+            "transcript": [e.as_dict() for e in sorted(self.transcript, key=lambda e: e.at_ms)],
+            "responses": [stats.as_dict() for stats in self.responses],
+            "usage": totals,
+            "interruptions": self.interruptions,
+            "gap_fill_ms": self.gap_fill_ms,
+            "realtime_sessions": self.sessions,
+        }
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _append_text(audio_b64: str) -> str:
+    """The up-link event, built as a string: base64 needs no JSON escaping."""
+    return '{"type":"input_audio_buffer.append","audio":"' + audio_b64 + '"}'
+
+
+def _line(instruction: str) -> dict[str, Any]:
+    """A response that says one specific thing, in the agent's voice and persona."""
+    return {
+        "type": "response.create",
+        "response": {"instructions": f"{AGENT_INSTRUCTIONS}\nRight now: {instruction}"},
+    }
+
+
+def _message(role: Literal["user", "assistant"], kind: str, text: str) -> dict[str, Any]:
+    return {"type": "message", "role": role, "content": [{"type": kind, "text": text}]}
+
+
+def _system_item(text: str) -> str:
+    item = {"type": "message", "role": "system", "content": [{"type": "input_text", "text": text}]}
+    return _create(item)
+
+
+def _create(item: dict[str, Any]) -> str:
+    return json.dumps({"type": "conversation.item.create", "item": item})
+
+
+def _function_call_item(entry: TranscriptEntry) -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "call_id": entry.call_id,
+        "name": entry.tool_name,
+        "arguments": entry.arguments,
+    }
+
+
+def _trim_to_heard(text: str, heard_ms: int, received_ms: int) -> str:
+    """The words the caller probably heard, in proportion to the audio played."""
+    if received_ms <= 0 or heard_ms >= received_ms:
+        return text
+    words = text.split()
+    return " ".join(words[: round(len(words) * heard_ms / received_ms)])
+
+
+def _usage(usage: object) -> dict[str, int]:
+    """Token counts of one response, audio and text apart (they are priced apart)."""
+    if not isinstance(usage, dict):
+        return {}
+    given = usage.get("input_token_details") or {}
+    made = usage.get("output_token_details") or {}
+    counts = {
+        "input_text_tokens": given.get("text_tokens"),
+        "input_audio_tokens": given.get("audio_tokens"),
+        "input_cached_tokens": given.get("cached_tokens"),
+        "output_text_tokens": made.get("text_tokens"),
+        "output_audio_tokens": made.get("audio_tokens"),
+    }
+    return {key: value for key, value in counts.items() if isinstance(value, int)}
