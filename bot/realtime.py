@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from bot.settings import Settings
 from bot.tools import AGENT_INSTRUCTIONS, TOOL_DEFINITIONS
@@ -52,3 +59,125 @@ def session_config(settings: Settings) -> dict[str, Any]:
         "tools": TOOL_DEFINITIONS,
         "tool_choice": "auto",
     }
+
+
+def session_update_event(settings: Settings) -> dict[str, Any]:
+    """The first client event of every session (and of every reconnect)."""
+    return {"type": "session.update", "session": session_config(settings)}
+
+
+# --- the socket -----------------------------------------------------------------------
+
+# Server events are small (an audio delta is a few KB); a session.updated echoing the tools and
+# instructions is the largest. A tight cap keeps a misbehaving peer from costing memory.
+REALTIME_MAX_MESSAGE_BYTES = 1024 * 1024
+REALTIME_OPEN_TIMEOUT_S = 5.0
+REALTIME_CONNECT_ATTEMPTS = 3
+REALTIME_RETRY_BASE_S = 0.25
+REALTIME_RETRY_MAX_S = 2.0
+REFUSAL_BODY_CHARS = 300
+
+
+class RealtimeError(Exception):
+    """The Realtime API could not be reached or used."""
+
+
+class RealtimeRefused(RealtimeError):
+    """The handshake was answered with a refusal (bad key, no access): retrying cannot help."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"Realtime handshake refused with HTTP {status}: {detail}")
+        self.status = status
+
+
+class RealtimeUnavailable(RealtimeError):
+    """Rate limits, server errors or the network kept the socket from opening."""
+
+
+class RealtimeClient:
+    """One Realtime session over one WebSocket: send client events, iterate server events."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+
+    @classmethod
+    async def open(
+        cls, settings: Settings, *, open_timeout_s: float = REALTIME_OPEN_TIMEOUT_S
+    ) -> RealtimeClient:
+        """One attempt: handshake, then `session.update` at once (no wait for session.created)."""
+        if not settings.openai_api_key:
+            raise RealtimeRefused(401, "OPENAI_API_KEY is not set")
+        try:
+            ws = await connect(
+                settings.realtime_connect_url,
+                additional_headers={"Authorization": f"Bearer {settings.openai_api_key}"},
+                max_size=REALTIME_MAX_MESSAGE_BYTES,
+                open_timeout=open_timeout_s,
+                compression=None,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            detail = bytes(exc.response.body or b"")[:REFUSAL_BODY_CHARS].decode("utf-8", "replace")
+            if status == 429 or status >= 500:
+                raise RealtimeUnavailable(f"HTTP {status}: {detail}") from None
+            raise RealtimeRefused(status, detail) from None
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            raise RealtimeUnavailable(f"{type(exc).__name__}: {exc}") from None
+        client = cls(ws)
+        try:
+            await client.send(json.dumps(session_update_event(settings)))
+        except ConnectionClosed as exc:
+            raise RealtimeUnavailable(f"closed right after the handshake: {exc}") from None
+        return client
+
+    async def send(self, text: str) -> None:
+        """Sends one client event (JSON text). Raises ConnectionClosed once the socket is gone."""
+        await self._ws.send(text)
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Server events, parsed once, until the socket closes (how: `close_code`)."""
+        try:
+            async for message in self._ws:
+                if isinstance(message, str):
+                    try:
+                        event = json.loads(message)
+                    except ValueError:
+                        continue
+                    if isinstance(event, dict):
+                        yield event
+        except ConnectionClosed:
+            return
+
+    @property
+    def close_code(self) -> int | None:
+        return self._ws.close_code
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._ws.close_reason
+
+    async def close(self) -> None:
+        """Closes the socket (idempotent); never leaves a session open at OpenAI."""
+        await self._ws.close()
+
+
+async def connect_realtime(
+    settings: Settings,
+    *,
+    attempts: int = REALTIME_CONNECT_ATTEMPTS,
+    open_timeout_s: float = REALTIME_OPEN_TIMEOUT_S,
+    rng: Callable[[], float] = random.random,
+) -> RealtimeClient:
+    """Opens a session, retrying rate limits, server errors and network failures with jittered
+    backoff; a refusal (401/403 and other 4xx) is raised at once."""
+    last: RealtimeUnavailable | None = None
+    for attempt in range(attempts):
+        if attempt:
+            ceiling = min(REALTIME_RETRY_MAX_S, REALTIME_RETRY_BASE_S * 2 ** (attempt - 1))
+            await asyncio.sleep(ceiling * (0.5 + rng() / 2))
+        try:
+            return await RealtimeClient.open(settings, open_timeout_s=open_timeout_s)
+        except RealtimeUnavailable as exc:
+            last = exc
+    assert last is not None
+    raise last
