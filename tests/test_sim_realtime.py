@@ -322,6 +322,36 @@ async def test_silence_produces_no_vad_events(client: Client) -> None:
     assert (await client.recv())["type"] == "input_audio_buffer.cleared"
 
 
+async def test_appends_are_counted_not_stored(sim: RealtimeSimulator, client: Client) -> None:
+    await client.append(b"\x00\x00" * 24000)
+    await client.send({"type": "input_audio_buffer.clear"})
+    await client.until("input_audio_buffer.cleared")
+    record = sim.sessions[0]
+    assert (record.audio_appends, record.input_audio_ms) == (50, 1000)
+    assert [e["type"] for e in record.events_received] == ["session.update", "input_audio_buffer.clear"]
+
+
+async def test_input_audio_is_recorded_as_pcm16_when_asked(sim: RealtimeSimulator) -> None:
+    sim.record_input_audio = True
+    session = json.loads(json.dumps(SESSION))
+    session["audio"]["input"]["format"] = {"type": "audio/pcmu"}
+    mulaw = read_wav(AUDIO_DIR / "caller_washers.wav").data[:8000]
+    async with connect(sim, session) as client:
+        await client.append(mulaw, 160)
+        await client.send({"type": "input_audio_buffer.clear"})
+        await client.until("input_audio_buffer.cleared")
+    assert bytes(sim.sessions[0].input_audio) == audioop.ulaw2lin(mulaw, 2)
+
+
+async def test_semantic_vad_ends_the_turn_after_its_eagerness_wait(sim: RealtimeSimulator) -> None:
+    session = json.loads(json.dumps(SESSION))
+    session["audio"]["input"]["turn_detection"] = {"type": "semantic_vad", "eagerness": "low"}
+    async with connect(sim, session) as client:
+        await client.append(caller_pcm24k() + b"\x00\x00" * 24000)
+        events = await client.until("input_audio_buffer.speech_stopped")
+    assert abs(events[-1]["audio_end_ms"] - (3270 + 1500)) <= 20
+
+
 async def test_vad_threshold_above_the_speech_level_hears_nothing(sim: RealtimeSimulator) -> None:
     session = json.loads(json.dumps(SESSION))
     session["audio"]["input"]["turn_detection"]["threshold"] = 1.0

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import secrets
+import signal
 import socket
 import struct
 import sys
@@ -44,7 +45,6 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import h11
-import numpy as np
 from openai.types.realtime import RealtimeClientEvent
 from openai.types.realtime.realtime_session_create_request import RealtimeSessionCreateRequest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -346,13 +346,14 @@ def _unknown_parameter(value: Any, path: str = "") -> str | None:
     if isinstance(value, BaseModel):
         for key in value.model_extra or {}:
             return f"{path}.{key}".lstrip(".")
-        for name in type(value).model_fields:
-            found = _unknown_parameter(getattr(value, name), f"{path}.{name}")
-            if found:
-                return found
+        children = ((f"{path}.{name}", getattr(value, name)) for name in type(value).model_fields)
     elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _unknown_parameter(item, f"{path}[{index}]")
+        children = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    for child_path, child in children:
+        if isinstance(child, BaseModel | list):
+            found = _unknown_parameter(child, child_path)
             if found:
                 return found
     return None
@@ -540,7 +541,7 @@ class VadEvent:
 
 
 class EnergyVad:
-    """Server VAD on audio time: RMS energy per 10 ms frame against a threshold in dBFS.
+    """Server VAD on audio time: RMS level per 10 ms frame against a threshold in dBFS.
 
     Time is the session's audio clock (milliseconds of audio appended), never the wall clock,
     so a caller streaming faster than real time sees the same events.
@@ -552,7 +553,7 @@ class EnergyVad:
         self.enabled = False
         self._rate_hz = PCM_RATE_HZ
         self._carry = b""
-        self._energy_floor = 0.0
+        self._rms_floor = 0.0
         self._prefix_ms = 300
         self._silence_ms = 500
         self._speaking = False
@@ -577,7 +578,7 @@ class EnergyVad:
             self._prefix_ms = detection["prefix_padding_ms"]
             self._silence_ms = detection["silence_duration_ms"]
         db = VAD_DB_AT_ZERO + VAD_DB_SPAN * threshold
-        self._energy_floor = (32768.0 * 10 ** (db / 20)) ** 2
+        self._rms_floor = 32768.0 * 10 ** (db / 20)
 
     def reset_buffer(self) -> None:
         """The input buffer was committed or cleared: a new buffer starts now."""
@@ -595,11 +596,9 @@ class EnergyVad:
         if not self.enabled:
             self.audio_ms += count * VAD_FRAME_MS
             return []
-        samples = np.frombuffer(data, dtype="<i2", count=count * frame_bytes // 2)
-        frames = samples.astype(np.float32).reshape(count, -1)
-        loud = (frames * frames).mean(axis=1) >= self._energy_floor
         events: list[VadEvent] = []
-        for is_loud in loud.tolist():
+        for offset in range(0, count * frame_bytes, frame_bytes):
+            is_loud = audioop.rms(data[offset : offset + frame_bytes], 2) >= self._rms_floor
             start_ms = self.audio_ms
             self.audio_ms += VAD_FRAME_MS
             if is_loud:
@@ -632,9 +631,18 @@ class _Response:
 
 @dataclass(slots=True)
 class SimSession:
-    """What one accepted connection did, for tests to assert on."""
+    """What one accepted connection did, for tests to assert on.
+
+    `events_received` holds every client event as parsed JSON except `input_audio_buffer.append`
+    (a call sends 50 a second), which `audio_appends` counts and `input_audio_ms` measures;
+    `input_audio` keeps the decoded PCM16 only when the simulator's `record_input_audio` is on.
+    `transcript` is (role, text) in order: "user" (the scenario's `hears`, or a placeholder) and
+    "assistant" (what was spoken, cut short when cancelled).
+    """
 
     events_received: list[Json] = field(default_factory=list)
+    audio_appends: int = 0
+    input_audio_ms: int = 0
     session: Json = field(default_factory=dict)
     truncations: list[tuple[str, int, int]] = field(default_factory=list)
     tool_outputs: list[tuple[str, str]] = field(default_factory=list)
@@ -751,7 +759,10 @@ class _Connection:
             await self.send_error(_ClientError("invalid_json", f"Invalid JSON: {exc.msg}."), None)
             return
         client_event_id = data.get("event_id") if isinstance(data, dict) else None
-        self.record.events_received.append(_summarise(data))
+        if isinstance(data, dict) and data.get("type") == "input_audio_buffer.append":
+            self.record.audio_appends += 1
+        else:
+            self.record.events_received.append(data)
         event_id = client_event_id if isinstance(client_event_id, str) else None
         try:
             event = parse_client_event(data)
@@ -802,7 +813,9 @@ class _Connection:
         pcm, _ = _decode_input(raw, self.record.session["audio"]["input"]["format"])
         if self.sim.record_input_audio:
             self.record.input_audio += pcm
-        for vad_event in self.vad.feed(pcm):
+        vad_events = self.vad.feed(pcm)
+        self.record.input_audio_ms = self.vad.audio_ms
+        for vad_event in vad_events:
             if vad_event.kind == "started":
                 await self._speech_started(vad_event.ms)
             else:
@@ -1260,17 +1273,6 @@ def _rate_limits() -> list[Json]:
     ]
 
 
-def _summarise(data: Any) -> Json:
-    """The client event as received, minus the audio payload of appends (kept: its size)."""
-    if not isinstance(data, dict):
-        return {"type": None, "value": data}
-    if data.get("type") == "input_audio_buffer.append" and isinstance(data.get("audio"), str):
-        summary = {k: v for k, v in data.items() if k != "audio"}
-        summary["audio_bytes"] = len(data["audio"]) * 3 // 4
-        return summary
-    return data
-
-
 Handler = Callable[[_Connection, Any, Json], Awaitable[None]]
 HANDLERS: dict[str, Handler] = {
     "session.update": _Connection.on_session_update,
@@ -1542,7 +1544,9 @@ class RealtimeSimulator:
                     )
                     data = json.dumps(payload).encode()
                     headers = [("content-type", "application/json"), ("content-length", str(len(data)))]
-                    writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
+                    reason = http.HTTPStatus(status).phrase.encode()
+                    response = h11.Response(status_code=status, headers=headers, reason=reason)
+                    writer.write(conn.send(response) or b"")
                     writer.write(conn.send(h11.Data(data=data)) or b"")
                     writer.write(conn.send(h11.EndOfMessage()) or b"")
                     await writer.drain()
@@ -1618,10 +1622,12 @@ def main(argv: list[str]) -> int:
     sim = RealtimeSimulator(scenario, api_key=args.api_key, audio_speed=args.audio_speed)
 
     async def run() -> None:
+        stopping = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
         await sim.start(args.host, args.port, args.rest_port)
         print(f"OPENAI_REALTIME_URL={sim.url}\nOPENAI_BASE_URL={sim.base_url}", flush=True)
         try:
-            await asyncio.Event().wait()
+            await stopping.wait()
         finally:
             await sim.stop()
 
