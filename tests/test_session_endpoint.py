@@ -1,0 +1,128 @@
+"""GET /session: ephemeral Realtime secrets for browsers, against the local OpenAI stand-in."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from bot.app import create_app
+from bot.realtime import session_config
+from bot.settings import Settings, load_settings
+from bot.sim.realtime import RealtimeSimulator, Scenario
+from bot.sim.server import LocalServer
+
+pytestmark = pytest.mark.anyio
+
+SIM_KEY = "sk-sim-session-test"
+ALLOWED = "https://shop.example.com"
+
+
+@pytest.fixture
+async def openai_sim() -> AsyncIterator[RealtimeSimulator]:
+    sim = RealtimeSimulator(Scenario(greeting="Hello!", turns=[]), api_key=SIM_KEY)
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
+def make_settings(sim: RealtimeSimulator, **overrides: str) -> Settings:
+    env = {
+        "OPENAI_API_KEY": SIM_KEY,
+        "OPENAI_BASE_URL": sim.base_url,
+        "CORS_ORIGINS": ALLOWED,
+        "SESSION_RATE_LIMIT_PER_MINUTE": "3",
+    }
+    env.update(overrides)
+    return load_settings(env, dotenv=None)
+
+
+async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with LocalServer(create_app(settings)) as server:
+        async with httpx.AsyncClient(base_url=server.base_url) as client:
+            yield client
+
+
+async def test_a_browser_gets_a_fresh_secret_for_the_phone_agents_session(
+    openai_sim: RealtimeSimulator,
+) -> None:
+    async for client in app_client(make_settings(openai_sim)):
+        first = await client.get("/session", headers={"Origin": ALLOWED})
+        second = await client.get("/session", headers={"Origin": ALLOWED})
+    assert first.status_code == 200
+    body = first.json()
+    assert body["value"].startswith("ek_")
+    assert body["value"] != second.json()["value"], "a secret is never cached"
+    assert first.headers["cache-control"] == "no-store"
+    assert first.headers["access-control-allow-origin"] == ALLOWED
+    phone_session = session_config(make_settings(openai_sim))
+    assert body["session"]["instructions"] == phone_session["instructions"]
+    assert [t["name"] for t in body["session"]["tools"]] == [t["name"] for t in phone_session["tools"]]
+    assert body["session"]["audio"]["output"]["voice"] == phone_session["audio"]["output"]["voice"]
+    assert SIM_KEY not in first.text
+
+
+async def test_an_openai_refusal_becomes_502_with_openais_reason(openai_sim: RealtimeSimulator) -> None:
+    async for client in app_client(make_settings(openai_sim, OPENAI_API_KEY="sk-wrong")):
+        response = await client.get("/session")
+    assert response.status_code == 502
+    assert "OpenAI refused" in response.json()["error"]
+    assert "key" in response.json()["error"].lower()
+    assert "sk-wrong" not in response.text
+
+
+async def test_an_unreachable_openai_becomes_504() -> None:
+    settings = load_settings(
+        {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": "http://127.0.0.1:9"}, dotenv=None
+    )
+    async for client in app_client(settings):
+        response = await client.get("/session")
+    assert response.status_code == 504
+
+
+async def test_without_a_key_the_endpoint_says_so_with_503() -> None:
+    async for client in app_client(load_settings({}, dotenv=None)):
+        response = await client.get("/session")
+    assert response.status_code == 503
+    assert "OPENAI_API_KEY" in response.json()["error"]
+
+
+async def test_one_client_beyond_the_rate_limit_gets_429_with_retry_after(
+    openai_sim: RealtimeSimulator,
+) -> None:
+    async for client in app_client(make_settings(openai_sim)):
+        statuses = [(await client.get("/session")).status_code for _ in range(4)]
+        limited = await client.get("/session")
+    assert statuses == [200, 200, 200, 429]
+    assert limited.status_code == 429
+    assert int(limited.headers["retry-after"]) >= 1
+
+
+async def test_a_preflight_from_an_allowed_origin_is_answered_for_that_origin(
+    openai_sim: RealtimeSimulator,
+) -> None:
+    headers = {"Origin": ALLOWED, "Access-Control-Request-Method": "GET"}
+    async for client in app_client(make_settings(openai_sim)):
+        response = await client.options("/session", headers=headers)
+    assert response.status_code == 204
+    assert response.headers["access-control-allow-origin"] == ALLOWED
+    assert "GET" in response.headers["access-control-allow-methods"]
+
+
+async def test_a_refused_origin_gets_403_and_no_cors_header(openai_sim: RealtimeSimulator) -> None:
+    async for client in app_client(make_settings(openai_sim)):
+        preflight = await client.options(
+            "/session",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+        )
+        simple = await client.get("/session", headers={"Origin": "https://evil.example"})
+    for response in (preflight, simple):
+        assert response.status_code == 403
+        assert "access-control-allow-origin" not in response.headers
+
+
+async def test_no_origin_is_allowed_by_default(openai_sim: RealtimeSimulator) -> None:
+    async for client in app_client(make_settings(openai_sim, CORS_ORIGINS="")):
+        response = await client.get("/session", headers={"Origin": ALLOWED})
+    assert response.status_code == 403
