@@ -82,13 +82,15 @@ async def test_bad_requests_get_twilio_error_bodies(
     assert sim.messages == []
 
 
-async def test_unsubscribed_and_landline_numbers_are_refused(
+async def test_invalid_unsubscribed_and_landline_numbers_are_refused(
     sim: TwilioApiSimulator, client: httpx.AsyncClient
 ) -> None:
     sim.unsubscribed.add(CALLER)
     sim.landlines.add("+15551230002")
+    sim.invalid_numbers.add("+15550000000")
     assert (await send(client)).json()["code"] == 21610
     assert (await send(client, To="+15551230002")).json()["code"] == 21614
+    assert (await send(client, To="+15550000000")).json()["code"] == 21211
 
 
 async def test_a_body_of_exactly_1600_characters_is_accepted(client: httpx.AsyncClient) -> None:

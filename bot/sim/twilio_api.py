@@ -116,7 +116,9 @@ class TwilioApiSimulator:
     """The stand-in. `await start()` serves on 127.0.0.1; `base_url` is TWILIO_API_BASE.
 
     Records: `messages` (each created message resource, with `media_urls`), `call_updates`
-    (call SID and the fields posted). Fault switches: `fail_next`, `hang_next`.
+    (call SID and the fields posted). Numbers refused like Twilio refuses them: add to
+    `invalid_numbers` (21211), `unsubscribed` (21610), `landlines` (21614). Fault switches:
+    `fail_next`, `hang_next`.
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class TwilioApiSimulator:
         self.messages: list[dict[str, Any]] = []
         self.call_updates: list[dict[str, Any]] = []
         self.unsubscribed: set[str] = set()
+        self.invalid_numbers: set[str] = set()
         self.landlines: set[str] = set()
         self.calls_in_progress: set[str] = set()
         self.calls_ended: set[str] = set()
@@ -169,6 +172,16 @@ class TwilioApiSimulator:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def reset(self) -> None:
+        """Forget every record, number list, call and pending fault (one simulator, many tests)."""
+        for collection in (self.messages, self.call_updates, self._faults):
+            collection.clear()
+        for numbers in (self.unsubscribed, self.invalid_numbers, self.landlines):
+            numbers.clear()
+        self.calls_in_progress.clear()
+        self.calls_ended.clear()
+        self.request_count = 0
 
     def fail_next(
         self,
@@ -260,7 +273,7 @@ class TwilioApiSimulator:
             raise TwilioApiError(
                 400, 21617, "The concatenated message body exceeds the 1600 character limit."
             )
-        if not E164.match(to):
+        if not E164.match(to) or to in self.invalid_numbers:
             raise TwilioApiError(400, 21211, f"The 'To' number {to} is not a valid phone number.")
         if to in self.unsubscribed:
             raise TwilioApiError(400, 21610, "Attempt to send to unsubscribed recipient")
