@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import math
 import re
@@ -143,6 +144,7 @@ class TwilioApiSimulator:
         self._faults: list[_Fault] = []
         self._on_record = on_record
         self._server: LocalServer | None = None
+        self._stopping = asyncio.Event()
         base = "/2010-04-01/Accounts/{account_sid}"
         self.app = Starlette(
             routes=[
@@ -159,10 +161,13 @@ class TwilioApiSimulator:
         return self._server.base_url
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._stopping = asyncio.Event()
         self._server = LocalServer(self.app, host=host, port=port, timeout_graceful_shutdown=1)
         await self._server.start()
 
     async def stop(self) -> None:
+        """Stop serving; held-back responses are released first, so stopping is prompt."""
+        self._stopping.set()
         if self._server is not None:
             await self._server.stop()
 
@@ -241,7 +246,8 @@ class TwilioApiSimulator:
             return TwilioApiError(fault.status, code, message).response(headers)
         response = make()
         if fault is not None and fault.hang_s > 0:
-            await asyncio.sleep(fault.hang_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), fault.hang_s)
         return response
 
     async def _messages(self, request: Request) -> Response:

@@ -1,0 +1,185 @@
+"""kill -9 mid-relay, restart: nothing queued is lost, the SMS goes out once, webhooks keep their id.
+
+The relay runs in a subprocess against the Twilio stand-in and a webhook receiver in this test.
+The first process is killed while its SMS request hangs (Twilio has created the message but not
+answered) and while a webhook is between retries; the second must settle the SMS by lookup and
+finish the webhooks under the same ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from standardwebhooks import Webhook
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bot.delivery import Outbox, OutboxRow
+from bot.products import ProductsCollection
+from bot.settings import SAMPLE_CATALOG_PATH
+from bot.sim.server import LocalServer
+from bot.sim.twilio_api import TwilioApiSimulator
+
+pytestmark = pytest.mark.anyio
+
+REPO = Path(__file__).resolve().parents[1]
+CALLER = "+15551230001"
+STORE = "+15557654321"
+SECRET = "whsec_" + base64.b64encode(b"restart test secret, 32 bytes..!").decode()
+WAIT_S = 15.0
+RELAY = """
+import asyncio, httpx
+from bot.delivery import running_delivery
+from bot.logs import configure_logging
+from bot.settings import load_settings
+
+async def relay() -> None:
+    settings = load_settings(dotenv=None)
+    async with httpx.AsyncClient() as http, running_delivery(settings, http):
+        await asyncio.Event().wait()
+
+configure_logging("INFO", "text")
+asyncio.run(relay())
+"""
+
+
+@dataclass
+class Receiver:
+    """The call center: answers 503 while `failing`, else 200; records every request."""
+
+    failing: bool = True
+    received: list[tuple[dict[str, str], bytes, int]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        app = Starlette(routes=[Route("/hooks", self.handle, methods=["POST"])])
+        self.server = LocalServer(app, timeout_graceful_shutdown=1)
+
+    async def handle(self, request: Request) -> Response:
+        status = 503 if self.failing else 200
+        self.received.append((dict(request.headers), await request.body(), status))
+        self.changed.set()
+        return Response(status_code=status)
+
+    async def wait_until(self, done: object) -> None:
+        async with asyncio.timeout(WAIT_S):
+            while not done():  # type: ignore[operator]
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    hooks = Receiver()
+    await hooks.server.start()
+    yield hooks
+    await hooks.server.stop()
+
+
+async def spawn_relay(env: dict[str, str], log_path: Path) -> asyncio.subprocess.Process:
+    log = log_path.open("ab")
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-c", RELAY, cwd=REPO, env=env, stdout=log, stderr=log
+        )
+    finally:
+        log.close()
+
+
+async def settled_rows(db: Path) -> list[OutboxRow]:
+    """The outbox once the relay has recorded every outcome (it writes just after each answer)."""
+    async with Outbox(db) as outbox:
+        for _ in range(int(WAIT_S / 0.05)):
+            rows = await outbox.list_rows()
+            if all(r.state == "sent" for r in rows):
+                return rows
+            await asyncio.sleep(0.05)
+    return rows
+
+
+def collection() -> ProductsCollection:
+    products = json.loads(SAMPLE_CATALOG_PATH.read_text())[:2]
+    document = {
+        "TextMessage": "Your washers.",
+        "JsonData": {"jsonType": "ProductsCollection", "products": products},
+    }
+    return ProductsCollection.model_validate_json(json.dumps(document))
+
+
+async def test_a_relay_killed_mid_retry_resumes_after_restart_with_nothing_lost(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    created = asyncio.Event()
+    sim = TwilioApiSimulator(on_record=lambda kind, entry: created.set())
+    await sim.start()
+    db = tmp_path / "outbox.sqlite3"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "DATABASE_PATH": str(db),
+        "TWILIO_ACCOUNT_SID": sim.account_sid,
+        "TWILIO_AUTH_TOKEN": sim.auth_token,
+        "TWILIO_FROM_NUMBER": STORE,
+        "TWILIO_API_BASE": sim.base_url,
+        "WEBHOOK_URL": f"{receiver.server.base_url}/hooks",
+        "WEBHOOK_SECRET": SECRET,
+        "WEBHOOK_RETRY_SCHEDULE_S": ",".join(["0.2"] * 30),
+    }
+    log_path = tmp_path / "relay.log"
+    try:
+        async with Outbox(db) as outbox:
+            products_id = await outbox.add_product_details(
+                call_sid="CA" + "b" * 32, caller=CALLER, collection=collection()
+            )
+            call_id = await outbox.add_call_completed(
+                call_sid="CA" + "b" * 32, caller=CALLER, record={"duration_s": 61}
+            )
+        sim.hang_next(1, seconds=30)
+
+        first = await spawn_relay(env, log_path)
+        async with asyncio.timeout(WAIT_S):
+            await created.wait()
+        await receiver.wait_until(lambda: len(receiver.received) >= 2)
+        first.kill()
+        assert await first.wait() == -9
+
+        receiver.failing = False
+        second = await spawn_relay(env, log_path)
+        await receiver.wait_until(
+            lambda: len({r[0]["webhook-id"] for r in receiver.received if r[2] == 200}) == 2
+        )
+        rows = await settled_rows(db)
+        second.kill()
+        await second.wait()
+    except BaseException:
+        print(log_path.read_text() if log_path.exists() else "(no relay log)")
+        raise
+    finally:
+        await sim.stop()
+
+    assert len(sim.messages_to(CALLER)) == 1
+    by_id: dict[str, list[int]] = {}
+    for headers, body, status in receiver.received:
+        by_id.setdefault(headers["webhook-id"], []).append(status)
+        if status == 200:
+            Webhook(SECRET).verify(body, headers)
+    assert set(by_id) == {products_id, call_id}
+    assert all(statuses.count(200) == 1 for statuses in by_id.values())
+    assert by_id[call_id][0] == 503
+    assert {(r.message_id, r.channel, r.state) for r in rows} == {
+        (products_id, "sms", "sent"),
+        (products_id, "webhook", "sent"),
+        (call_id, "webhook", "sent"),
+    }
+    sms_row = next(r for r in rows if r.channel == "sms")
+    assert sms_row.result == [sim.messages[0]["sid"]]
