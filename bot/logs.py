@@ -67,6 +67,8 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # httpx logs each request URL at INFO; the SMS lookup's URL holds the caller's full number.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class CallLog(logging.LoggerAdapter):  # type: ignore[type-arg]
