@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,6 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from bot.delivery import (
     SMS_MAX_CHARS,
@@ -37,8 +33,8 @@ from bot.delivery import (
 )
 from bot.products import ProductsCollection
 from bot.settings import SAMPLE_CATALOG_PATH, Settings, load_settings
-from bot.sim.server import LocalServer
 from bot.sim.twilio_api import TwilioApiSimulator
+from bot.sim.webhook_receiver import Delivery, WebhookReceiver
 from bot.tools import OutboxUnavailable
 from bot.twilio_rest import TwilioRest
 
@@ -73,49 +69,6 @@ class FakeClock:
         self.now += seconds
 
 
-@dataclass
-class Receiver:
-    """A call center's webhook endpoint answering from a script: (status, headers) or ('hang', s)."""
-
-    script: list[tuple[Any, ...]] = field(default_factory=list)
-    received: list[tuple[dict[str, str], bytes, int]] = field(default_factory=list)
-    active: int = 0
-    peak: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        app = Starlette(routes=[Route("/hooks", self.handle, methods=["POST"])])
-        self.server = LocalServer(app, timeout_graceful_shutdown=1)
-
-    @property
-    def url(self) -> str:
-        return f"{self.server.base_url}/hooks"
-
-    async def handle(self, request: Request) -> Response:
-        body = await request.body()
-        action = self.script.pop(0) if self.script else (200, {})
-        self.active += 1
-        self.peak = max(self.peak, self.active)
-        try:
-            if action[0] == "hang":
-                await asyncio.sleep(action[1])
-                action = (200, {})
-            self.received.append((dict(request.headers), body, action[0]))
-            self.changed.set()
-            return Response("ok" if action[0] < 300 else "nope", status_code=action[0], headers=action[1])
-        finally:
-            self.active -= 1
-
-    def acknowledged(self) -> list[tuple[dict[str, str], bytes, int]]:
-        return [r for r in self.received if 200 <= r[2] < 300]
-
-    async def wait_acknowledged(self, count: int, timeout_s: float = 5.0) -> None:
-        async with asyncio.timeout(timeout_s):
-            while len(self.acknowledged()) < count:
-                self.changed.clear()
-                await self.changed.wait()
-
-
 def make_settings(tmp_path: Path, **env: str) -> Settings:
     base = {
         "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
@@ -135,7 +88,7 @@ def make_settings(tmp_path: Path, **env: str) -> Settings:
 class Rig:
     clock: FakeClock
     sim: TwilioApiSimulator
-    receiver: Receiver
+    receiver: WebhookReceiver
     outbox: Outbox
     http: httpx.AsyncClient
     tmp_path: Path
@@ -174,8 +127,8 @@ async def shared_sim() -> AsyncIterator[TwilioApiSimulator]:
 
 
 @pytest.fixture(scope="module")
-async def shared_receiver() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
+async def shared_receiver() -> AsyncIterator[WebhookReceiver]:
+    receiver = WebhookReceiver()
     await receiver.server.start()
     yield receiver
     await receiver.server.stop()
@@ -183,7 +136,7 @@ async def shared_receiver() -> AsyncIterator[Receiver]:
 
 @pytest.fixture
 async def rig(
-    tmp_path: Path, shared_sim: TwilioApiSimulator, shared_receiver: Receiver
+    tmp_path: Path, shared_sim: TwilioApiSimulator, shared_receiver: WebhookReceiver
 ) -> AsyncIterator[Rig]:
     clock = FakeClock()
     shared_sim.reset()
@@ -208,9 +161,8 @@ async def drain(worker: DeliveryWorker, clock: FakeClock, max_rounds: int = 60) 
     raise AssertionError("the outbox did not settle")
 
 
-def verify(received: tuple[dict[str, str], bytes, int], secret: str = SECRET) -> Any:
-    headers, body, _ = received
-    return Webhook(secret).verify(body, headers)
+def verify(delivery: Delivery, secret: str = SECRET) -> Any:
+    return Webhook(secret).verify(delivery.body, delivery.headers)
 
 
 # ---------------------------------------------------------------- the SMS text
@@ -291,12 +243,12 @@ async def test_one_sms_reaches_the_caller_and_the_signed_webhook_reports_it(rig:
     assert sms["from"] == STORE and f"Ref {sms_reference(message_id)}" in sms["body"]
     [delivery] = rig.receiver.acknowledged()
     event = verify(delivery)
-    assert delivery[0]["webhook-id"] == message_id
+    assert delivery.headers["webhook-id"] == message_id
     assert event["type"] == "products.sent"
     assert event["data"]["sms"] == {"status": "sent", "message_sids": [sms["sid"]]}
     assert event["data"]["caller"] == "***0001" and event["data"]["call_sid"] == CALL_SID
     assert event["data"]["collection"] == collection(2).model_dump(mode="json")
-    assert CALLER not in delivery[1].decode()
+    assert CALLER not in delivery.body.decode()
     assert {r.state for r in await rig.outbox.list_rows()} == {"sent"}
 
 
@@ -387,7 +339,7 @@ async def test_sms_rows_fail_at_once_when_texting_is_not_configured(rig: Rig) ->
 
 
 async def test_a_down_then_503_receiver_gets_one_acknowledged_delivery_with_one_id(rig: Rig) -> None:
-    receiver = Receiver(script=[(503, {"Retry-After": "30"})])
+    receiver = WebhookReceiver(script=[(503, {"Retry-After": "30"})])
     rig.receiver = receiver
     await rig.add()
     worker = rig.worker()
@@ -403,11 +355,11 @@ async def test_a_down_then_503_receiver_gets_one_acknowledged_delivery_with_one_
         await drain(worker, rig.clock)
     finally:
         await receiver.server.stop()
-    ids = {r[0]["webhook-id"] for r in receiver.received}
-    stamps = [r[0]["webhook-timestamp"] for r in receiver.received]
+    ids = {r.headers["webhook-id"] for r in receiver.received}
+    stamps = [r.headers["webhook-timestamp"] for r in receiver.received]
     assert len(receiver.received) == 2 and ids == {hook.message_id}
     assert len(set(stamps)) == 2 and stamps == sorted(stamps)
-    bodies = [r[1] for r in receiver.received]
+    bodies = [r.body for r in receiver.received]
     assert bodies[0] == bodies[1]
     [delivery] = receiver.acknowledged()
     assert verify(delivery)["data"]["message_id"] == hook.message_id
@@ -424,7 +376,7 @@ async def drain_one(worker: DeliveryWorker, clock: FakeClock) -> None:
 async def test_a_tampered_body_a_wrong_secret_or_an_old_timestamp_fail_verification(rig: Rig) -> None:
     await rig.add()
     await drain(rig.worker(), rig.clock)
-    headers, body, _ = rig.receiver.acknowledged()[0]
+    headers, body = rig.receiver.acknowledged()[0].headers, rig.receiver.acknowledged()[0].body
     Webhook(SECRET).verify(body, headers)
     assert b"899.99" in body
     with pytest.raises(WebhookVerificationError):
@@ -439,7 +391,7 @@ async def test_a_tampered_body_a_wrong_secret_or_an_old_timestamp_fail_verificat
 async def test_a_plain_secret_signs_with_its_utf8_bytes(rig: Rig) -> None:
     await rig.outbox.add_call_completed(call_sid=CALL_SID, caller=CALLER, record={"duration_s": 42})
     await drain(rig.worker(WEBHOOK_SECRET="plain-text-secret"), rig.clock)
-    headers, body, _ = rig.receiver.acknowledged()[0]
+    headers, body = rig.receiver.acknowledged()[0].headers, rig.receiver.acknowledged()[0].body
     assert Webhook(b"plain-text-secret").verify(body, headers)["data"]["duration_s"] == 42
 
 
@@ -453,7 +405,7 @@ async def test_call_completed_carries_the_transcript_and_duration(rig: Rig) -> N
     await drain(rig.worker(), rig.clock)
     [delivery] = rig.receiver.acknowledged()
     event = verify(delivery)
-    assert event["type"] == "call.completed" and delivery[0]["webhook-id"] == message_id
+    assert event["type"] == "call.completed" and delivery.headers["webhook-id"] == message_id
     assert event["data"] == {**record, "call_sid": CALL_SID, "caller": "***0001", "message_id": message_id}
 
 
@@ -483,14 +435,14 @@ async def test_a_redirect_is_not_followed_and_counts_as_a_failed_attempt(rig: Ri
     rig.receiver.script = [(307, {"Location": "http://127.0.0.1:9/elsewhere"})]
     await rig.add()
     await drain(rig.worker(), rig.clock)
-    statuses = [r[2] for r in rig.receiver.received]
+    statuses = [r.status for r in rig.receiver.received]
     assert statuses == [307, 200]
     hook = (await rig.outbox.list_rows())[1]
     assert hook.state == "sent" and hook.attempts == 2
 
 
 async def test_a_hanging_receiver_times_out_and_the_attempt_is_retried(rig: Rig) -> None:
-    receiver = Receiver(script=[("hang", 1.0)])  # its own: the hung answer lands after the test
+    receiver = WebhookReceiver(script=[("hang", 1.0)])  # its own: the hung answer lands after the test
     rig.receiver = receiver
     await receiver.server.start()
     await rig.add()
@@ -506,13 +458,13 @@ async def test_a_hanging_receiver_times_out_and_the_attempt_is_retried(rig: Rig)
     finally:
         await receiver.server.stop()
     assert (await rig.outbox.list_rows())[1].state == "sent"
-    assert {r[0]["webhook-id"] for r in receiver.received} == {hook.message_id}
+    assert {r.headers["webhook-id"] for r in receiver.received} == {hook.message_id}
 
 
 async def test_retries_follow_the_schedule_with_jitter_over_hours_until_the_receiver_returns(
     rig: Rig,
 ) -> None:
-    receiver = Receiver()
+    receiver = WebhookReceiver()
     rig.receiver = receiver
     schedule = (5, 300, 1800, 7200, 18000)
     await rig.add()
@@ -532,7 +484,7 @@ async def test_retries_follow_the_schedule_with_jitter_over_hours_until_the_rece
     finally:
         await receiver.server.stop()
     [delivery] = receiver.acknowledged()
-    headers, body, _ = delivery
+    headers, body = delivery.headers, delivery.body
     stamp = int(headers["webhook-timestamp"])
     assert stamp >= time.time() + sum(schedule) * 0.8
     signed = Webhook(SECRET).sign(headers["webhook-id"], datetime.fromtimestamp(stamp, UTC), body.decode())
@@ -573,11 +525,11 @@ async def test_rows_caught_mid_attempt_resume_sms_by_lookup_and_webhooks_by_rese
     assert states[(sms_id, "sms")] == "ambiguous" and states[(hook_id, "webhook")] == "pending"
     await drain(rig.worker(), rig.clock)
     assert len(rig.sim.messages_to(CALLER)) == 1
-    assert {r[0]["webhook-id"] for r in rig.receiver.acknowledged()} == {sms_id, hook_id}
+    assert {r.headers["webhook-id"] for r in rig.receiver.acknowledged()} == {sms_id, hook_id}
 
 
 async def test_the_running_worker_relays_a_new_row_at_once(tmp_path: Path) -> None:
-    receiver = Receiver()
+    receiver = WebhookReceiver()
     await receiver.server.start()
     settings = make_settings(tmp_path, WEBHOOK_URL=receiver.url)
     try:
@@ -595,7 +547,7 @@ async def test_the_running_worker_relays_a_new_row_at_once(tmp_path: Path) -> No
 
 
 async def test_the_running_worker_never_has_more_attempts_in_flight_than_its_cap(tmp_path: Path) -> None:
-    receiver = Receiver(script=[("hang", 0.2)] * 6)
+    receiver = WebhookReceiver(script=[("hang", 0.2)] * 6)
     await receiver.server.start()
     settings = make_settings(tmp_path, WEBHOOK_URL=receiver.url)
     try:

@@ -14,21 +14,16 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from standardwebhooks import Webhook
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from bot.delivery import Outbox, OutboxRow
 from bot.products import ProductsCollection
 from bot.settings import SAMPLE_CATALOG_PATH
-from bot.sim.server import LocalServer
 from bot.sim.twilio_api import TwilioApiSimulator
+from bot.sim.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.anyio
 
@@ -53,37 +48,11 @@ asyncio.run(relay())
 """
 
 
-@dataclass
-class Receiver:
-    """The call center: answers 503 while `failing`, else 200; records every request."""
-
-    failing: bool = True
-    received: list[tuple[dict[str, str], bytes, int]] = field(default_factory=list)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        app = Starlette(routes=[Route("/hooks", self.handle, methods=["POST"])])
-        self.server = LocalServer(app, timeout_graceful_shutdown=1)
-
-    async def handle(self, request: Request) -> Response:
-        status = 503 if self.failing else 200
-        self.received.append((dict(request.headers), await request.body(), status))
-        self.changed.set()
-        return Response(status_code=status)
-
-    async def wait_until(self, done: object) -> None:
-        async with asyncio.timeout(WAIT_S):
-            while not done():  # type: ignore[operator]
-                self.changed.clear()
-                await self.changed.wait()
-
-
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    hooks = Receiver()
-    await hooks.server.start()
-    yield hooks
-    await hooks.server.stop()
+async def receiver() -> AsyncIterator[WebhookReceiver]:
+    """The call center: down (503) until the test clears the script, then 200."""
+    async with WebhookReceiver(script=[(503, {})] * 1000) as hooks:
+        yield hooks
 
 
 async def spawn_relay(env: dict[str, str], log_path: Path) -> asyncio.subprocess.Process:
@@ -117,7 +86,7 @@ def collection() -> ProductsCollection:
 
 
 async def test_a_relay_killed_mid_retry_resumes_after_restart_with_nothing_lost(
-    tmp_path: Path, receiver: Receiver
+    tmp_path: Path, receiver: WebhookReceiver
 ) -> None:
     created = asyncio.Event()
     sim = TwilioApiSimulator(on_record=lambda kind, entry: created.set())
@@ -131,7 +100,7 @@ async def test_a_relay_killed_mid_retry_resumes_after_restart_with_nothing_lost(
         "TWILIO_AUTH_TOKEN": sim.auth_token,
         "TWILIO_FROM_NUMBER": STORE,
         "TWILIO_API_BASE": sim.base_url,
-        "WEBHOOK_URL": f"{receiver.server.base_url}/hooks",
+        "WEBHOOK_URL": receiver.url,
         "WEBHOOK_SECRET": SECRET,
         "WEBHOOK_RETRY_SCHEDULE_S": ",".join(["0.2"] * 30),
     }
@@ -149,14 +118,14 @@ async def test_a_relay_killed_mid_retry_resumes_after_restart_with_nothing_lost(
         first = await spawn_relay(env, log_path)
         async with asyncio.timeout(WAIT_S):
             await created.wait()
-        await receiver.wait_until(lambda: len(receiver.received) >= 2)
+        await receiver.wait_until(lambda: len(receiver.received) >= 2, WAIT_S)
         first.kill()
         assert await first.wait() == -9
 
-        receiver.failing = False
+        receiver.script.clear()
         second = await spawn_relay(env, log_path)
         await receiver.wait_until(
-            lambda: len({r[0]["webhook-id"] for r in receiver.received if r[2] == 200}) == 2
+            lambda: len({r.headers["webhook-id"] for r in receiver.acknowledged()}) == 2, WAIT_S
         )
         rows = await settled_rows(db)
         second.kill()
@@ -169,10 +138,10 @@ async def test_a_relay_killed_mid_retry_resumes_after_restart_with_nothing_lost(
 
     assert len(sim.messages_to(CALLER)) == 1
     by_id: dict[str, list[int]] = {}
-    for headers, body, status in receiver.received:
-        by_id.setdefault(headers["webhook-id"], []).append(status)
-        if status == 200:
-            Webhook(SECRET).verify(body, headers)
+    for delivery in receiver.received:
+        by_id.setdefault(delivery.headers["webhook-id"], []).append(delivery.status)
+        if delivery.status == 200:
+            Webhook(SECRET).verify(delivery.body, delivery.headers)
     assert set(by_id) == {products_id, call_id}
     assert all(statuses.count(200) == 1 for statuses in by_id.values())
     assert by_id[call_id][0] == 503

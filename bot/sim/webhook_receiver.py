@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,8 +85,12 @@ class WebhookReceiver:
         return [d for d in self.received if 200 <= d.status < 300]
 
     async def wait_acknowledged(self, count: int, timeout_s: float = 5.0) -> None:
+        await self.wait_until(lambda: len(self.acknowledged()) >= count, timeout_s)
+
+    async def wait_until(self, done: Callable[[], bool], timeout_s: float = 5.0) -> None:
+        """Returns once `done()` holds, checking after each delivery; TimeoutError otherwise."""
         async with asyncio.timeout(timeout_s):
-            while len(self.acknowledged()) < count:
+            while not done():
                 self.changed.clear()
                 await self.changed.wait()
 
