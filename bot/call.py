@@ -61,6 +61,11 @@ TRANSFER_CANCELLED_NOTE = (
     "The caller spoke before the transfer happened, so the call was not transferred. "
     "Ask whether they still want to speak to a person."
 )
+TRANSFER_FAILED_NOTE = "The transfer to a person failed; the caller is still talking to you."
+TRANSFER_FAILED_LINE = (
+    "Tell the caller you could not connect them to a person right now, and offer to help "
+    "yourself. Do not call any tool."
+)
 END_CANCELLED_NOTE = "The caller spoke during the goodbye, so the call did not end. Listen to them."
 
 
@@ -182,6 +187,7 @@ class _Item:
     buf: bytearray = field(default_factory=bytearray)
     sent_bytes: int = 0
     heard_ms: int = 0
+    heard_at_ms: int = 0
     audio_done: bool = False
     entry: TranscriptEntry | None = None
 
@@ -271,11 +277,12 @@ class Call:
         self._stall_padded = False
         self._user_speaking = False
         self._speech_stopped_ms: int | None = None
+        self._awaiting_reply = False
         self._user_turn_at: dict[str, int] = {}
 
         # session
         self._session_live = False
-        self._session_started_ms = now_ms
+        self._rotate_at_ms = now_ms + session_max_ms
         self._rotating = False
         self._resume_needed = False
         self._last_tick_ms = now_ms
@@ -300,7 +307,7 @@ class Call:
         if type(message) is Media:
             return self._on_media(message, now_ms)
         if isinstance(message, Mark):
-            self._on_mark(message.name)
+            self._on_mark(message.name, now_ms)
             return self._settle(now_ms) if self._pending is not None else []
         if isinstance(message, Dtmf):
             return self._on_dtmf(message.digit, now_ms)
@@ -333,7 +340,7 @@ class Call:
         audio = mulaw if self._uplink is None else self._uplink.convert(mulaw)
         return ToRealtime(_append_text(base64.b64encode(audio).decode("ascii")), audio=True)
 
-    def _on_mark(self, name: str) -> None:
+    def _on_mark(self, name: str, now_ms: int) -> None:
         gen, _, rest = name.partition(":")
         if gen != self._gen_tag:
             return
@@ -343,7 +350,10 @@ class Call:
         item = self._playing.get(item_id)
         if item is None or not heard.isdigit():
             return
-        item.heard_ms = max(item.heard_ms, int(heard))
+        heard_ms = int(heard)
+        if heard_ms > item.heard_ms:
+            item.heard_ms = heard_ms
+            item.heard_at_ms = now_ms
         if item.audio_done and not item.buf and item.heard_ms >= item.sent_bytes // MULAW_BYTES_PER_MS:
             del self._playing[item_id]
 
@@ -427,6 +437,7 @@ class Call:
     def _on_speech_stopped(self, event: dict[str, Any], now_ms: int) -> list[Action]:
         self._user_speaking = False
         self._speech_stopped_ms = now_ms
+        self._awaiting_reply = True
         self._hold_until = now_ms + RESPONSE_HOLD_MS
         return []
 
@@ -437,6 +448,7 @@ class Call:
         self._stats[response_id] = stats
         self._active = stats
         self._requested = False
+        self._awaiting_reply = False
         self._hold_until = now_ms
         # This response already sees every tool output sent so far: no follow-up needed.
         for origin in [r for r in self._followups if self._answered(r)]:
@@ -516,7 +528,7 @@ class Call:
     def _on_error(self, event: dict[str, Any], now_ms: int) -> list[Action]:
         error = event.get("error") or {}
         code = error.get("code")
-        fields = {"code": code, "type": error.get("type"), "message": str(error.get("message", ""))[:200]}
+        fields = {"code": code, "type": error.get("type"), "detail": str(error.get("message", ""))[:200]}
         actions: list[Action] = [Note("realtime_error", fields)]
         if code == "session_expired":
             actions.append(Reconnect("session_expired"))
@@ -533,7 +545,7 @@ class Call:
     def session_opened(self, now_ms: int) -> list[Action]:
         """A Realtime session is configured: greet, or restore the conversation into it."""
         self._session_live = True
-        self._session_started_ms = now_ms
+        self._rotate_at_ms = now_ms + self._session_max_ms
         first = self.sessions == 0
         self.sessions += 1
         if first:
@@ -553,6 +565,8 @@ class Call:
             self._resume_needed
             or self._active is not None
             or self._requested
+            or self._user_speaking
+            or self._awaiting_reply
             or self._unplayed(now_ms)
             or self._unanswered > 0
             or any(self._followups.values())
@@ -568,8 +582,21 @@ class Call:
             self._want = None
         self._followups.clear()
         self._user_speaking = False
+        self._awaiting_reply = False
         self._rotating = False
         return actions
+
+    def rotation_failed(self, now_ms: int, retry_in_ms: int) -> None:
+        """The next session could not be opened; the current one goes on for now."""
+        self._rotating = False
+        self._rotate_at_ms = now_ms + retry_in_ms
+
+    def transfer_failed(self, now_ms: int) -> list[Action]:
+        """The transfer could not be placed: the bot stays on the line and says so."""
+        self._ended = False
+        self.outcome = None
+        self._want = _line(TRANSFER_FAILED_LINE)
+        return [ToRealtime(_system_item(TRANSFER_FAILED_NOTE)), *self._settle(now_ms)]
 
     def _restore_items(self) -> list[str]:
         events: list[str] = []
@@ -624,8 +651,7 @@ class Call:
         if self._pending is not None and self._unacked > 0:
             candidates.append(self._playout_end + MARK_GRACE_MS)
         if self._session_live and not self._rotating:
-            due = self._session_started_ms + self._session_max_ms
-            candidates.append(max(due, self._last_tick_ms + ROTATION_RETRY_MS))
+            candidates.append(max(self._rotate_at_ms, self._last_tick_ms + ROTATION_RETRY_MS))
         if (self._want is not None or self._followups) and self._hold_until > self._last_tick_ms:
             candidates.append(self._hold_until)
         return min(candidates) if candidates else None
@@ -672,6 +698,14 @@ class Call:
             stats.first_audio_latency_ms = now_ms - stopped
             self._speech_stopped_ms = None
 
+    def _heard_now(self, item: _Item, now_ms: int) -> int:
+        """The last echoed mark, plus the time since its echo up to one frame: playback goes on
+        between marks, but never past a mark not yet echoed, nor past the audio sent."""
+        if item.heard_ms <= 0:
+            return 0
+        since_ms = min(max(now_ms - item.heard_at_ms, 0), FRAME_MS)
+        return min(item.heard_ms + since_ms, item.sent_bytes // MULAW_BYTES_PER_MS)
+
     def _unplayed(self, now_ms: int) -> bool:
         """Is bot audio still queued, in flight, or being generated for the caller?"""
         if self._queue:
@@ -689,7 +723,7 @@ class Call:
         heard_report: dict[str, int] = {}
         for item in self._playing.values():
             received_ms = item.received_bytes // self._model_bytes_per_ms
-            heard_ms = min(item.heard_ms, received_ms)
+            heard_ms = min(self._heard_now(item, now_ms), received_ms)
             heard_report[item.item_id] = heard_ms
             if truncate and heard_ms <= 0:
                 event: dict[str, Any] = {"type": "conversation.item.delete", "item_id": item.item_id}
@@ -786,7 +820,7 @@ class Call:
             self._session_live
             and not self._rotating
             and not self._ended
-            and now_ms - self._session_started_ms >= self._session_max_ms
+            and now_ms >= self._rotate_at_ms
             and self._active is None
             and not self._requested
             and self._want is None

@@ -42,7 +42,7 @@ from bot.twilio_stream import Dtmf, Mark, Media
 
 SID = "MZ" + "1" * 32
 CALL_SID = "CA" + "2" * 32
-CLIENT_EVENT = TypeAdapter(RealtimeClientEvent)
+CLIENT_EVENT: TypeAdapter[RealtimeClientEvent] = TypeAdapter(RealtimeClientEvent)
 
 
 def assert_no_undeclared_fields(model: BaseModel, path: str) -> None:
@@ -299,7 +299,7 @@ def test_pcm16_truncation_is_the_last_echoed_mark_and_never_past_the_audio_recei
     if done:
         names += marks(call.on_realtime(audio_done("item_a", "resp_a"), 0))
     echo(call, names[:echoed], 1)
-    truncates = of_type(realtime_events(call.on_realtime(speech_started(), 2)), "conversation.item.truncate")
+    truncates = of_type(realtime_events(call.on_realtime(speech_started(), 1)), "conversation.item.truncate")
     heard = int(names[min(echoed, len(names)) - 1].split(":")[1]) if echoed and names else 0
     if heard and (not done or echoed < len(names)):
         assert truncates[0]["audio_end_ms"] == heard
@@ -323,11 +323,31 @@ def test_barge_in_clears_twilio_and_truncates_at_the_last_acknowledged_mark() ->
     call = new_call()
     names = marks(speak(call, "item_a", "resp_a", 200))
     echo(call, names[:5], 100)
-    actions = call.on_realtime(speech_started(), 110)
+    actions = call.on_realtime(speech_started(), 100)
     assert of_type(twilio_frames(actions), "clear") == [{"event": "clear", "streamSid": SID}]
     assert of_type(realtime_events(actions), "conversation.item.truncate") == [
         {"type": "conversation.item.truncate", "item_id": "item_a", "content_index": 0, "audio_end_ms": 100}
     ]
+
+
+@pytest.mark.parametrize(("since_echo_ms", "audio_end_ms"), [(0, 100), (7, 107), (20, 120), (500, 120)])
+def test_playback_between_marks_is_credited_up_to_one_frame_past_the_last_echo(
+    since_echo_ms: int, audio_end_ms: int
+) -> None:
+    call = new_call()
+    names = marks(speak(call, "item_a", "resp_a", 200))
+    echo(call, names[:5], 100)
+    events = realtime_events(call.on_realtime(speech_started(), 100 + since_echo_ms))
+    assert of_type(events, "conversation.item.truncate")[0]["audio_end_ms"] == audio_end_ms
+
+
+def test_credit_between_marks_never_passes_the_audio_sent() -> None:
+    call = new_call()
+    call.on_realtime(response_created("resp_a"), 0)
+    names = marks(call.on_realtime(delta("item_a", "resp_a", 100), 0))
+    echo(call, names, 100)
+    events = realtime_events(call.on_realtime(speech_started(), 150))
+    assert of_type(events, "conversation.item.truncate")[0]["audio_end_ms"] == 100
 
 
 def test_heard_is_counted_from_marks_not_from_the_inbound_clock() -> None:
@@ -359,7 +379,7 @@ def test_marks_echoed_after_a_clear_belong_to_an_old_generation_and_are_ignored(
     new_names = marks(speak(call, "item_b", "resp_b", 100, now_ms=40))
     assert all(name.startswith("1:") for name in new_names)
     echo(call, new_names[:2], 80)
-    events = realtime_events(call.on_realtime(speech_started("item_user2"), 90))
+    events = realtime_events(call.on_realtime(speech_started("item_user2"), 80))
     assert of_type(events, "conversation.item.truncate") == [
         {"type": "conversation.item.truncate", "item_id": "item_b", "content_index": 0, "audio_end_ms": 40}
     ]
@@ -398,7 +418,7 @@ def test_overlapping_items_are_each_cut_at_their_own_position() -> None:
     names_b = marks(speak(call, "item_b", "resp_b", 100, now_ms=1))
     echo(call, names_a[:3], 60)
     assert names_b and all(name.endswith(":item_b") for name in names_b)
-    events = realtime_events(call.on_realtime(speech_started(), 70))
+    events = realtime_events(call.on_realtime(speech_started(), 60))
     assert events == [
         {"type": "conversation.item.truncate", "item_id": "item_a", "content_index": 0, "audio_end_ms": 60},
         {"type": "conversation.item.delete", "item_id": "item_b"},
@@ -411,7 +431,7 @@ def test_a_fully_heard_item_is_not_truncated_when_the_next_one_is_interrupted() 
     echo(call, names_a, 60)
     names_b = marks(call.on_realtime(delta("item_b", "resp_a", 60), 61))
     echo(call, names_b[:1], 80)
-    events = realtime_events(call.on_realtime(speech_started(), 85))
+    events = realtime_events(call.on_realtime(speech_started(), 80))
     assert [e.get("item_id") for e in events] == ["item_b"]
     assert events[0]["audio_end_ms"] == 20
 
@@ -785,6 +805,15 @@ def test_a_session_lost_while_idle_is_restored_without_a_word() -> None:
     events = realtime_events(call.session_opened(6_000))
     assert of_type(events, "response.create") == []
     assert len(of_type(events, "conversation.item.create")) == 4
+
+
+def test_a_session_lost_while_the_caller_asks_resumes_so_the_question_gets_an_answer() -> None:
+    call = new_call()
+    seed_conversation(call)
+    call.on_realtime(speech_started("item_u2"), 5_000)
+    call.session_lost(5_500)
+    events = realtime_events(call.session_opened(6_000))
+    assert len(of_type(events, "response.create")) == 1
 
 
 def test_a_tool_answered_after_a_reconnect_recreates_its_call_item() -> None:

@@ -1,0 +1,696 @@
+"""Runs one phone call: the Twilio Media Stream and the Realtime session, with `Call` between.
+
+The conversation logic lives in `bot.call` (sans-I/O); this module only moves frames and runs
+timers. Per call: a Twilio reader, a Twilio writer, a pacer that wakes at `Call.next_deadline()`,
+and a Realtime supervisor that owns the Realtime socket (its reader and writer), reconnects it,
+rotates it before OpenAI's session limit, and redirects the call to the fallback TwiML when the
+model cannot be reached. Queues are bounded both ways: caller audio for the model keeps at most
+about two seconds (oldest dropped and counted), and a Twilio side that stops reading is closed.
+
+The stream token is checked before anything is opened, so a forged or replayed stream costs
+nothing at OpenAI. Whichever side ends first, every task is stopped and every Realtime socket is
+closed; the end-of-call record goes to the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from twilio.request_validator import RequestValidator
+from websockets.exceptions import ConnectionClosed
+
+from bot.call import (
+    FRAME_MS,
+    Action,
+    Call,
+    HangUp,
+    Note,
+    Reconnect,
+    RotateSession,
+    RunTool,
+    ToRealtime,
+    ToTwilio,
+    Transfer,
+)
+from bot.logs import CallLog, mask_phone
+from bot.realtime import RealtimeClient, RealtimeError, RealtimeRefused, connect_realtime
+from bot.settings import Settings
+from bot.stream_token import check_stream_token
+from bot.tools import CallContext, Toolbox, ToolResult
+from bot.twilio_rest import TwilioError, TwilioRest
+from bot.twilio_stream import Media, ProtocolViolation, Start, Stop, parse_message
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 5.0
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_NORMAL = 1000
+JUNK_LIMIT_PER_S = 25
+UPLINK_MAX_AUDIO_MS = 2000
+# Media and mark messages, about 10 s of paced audio: more means Twilio stopped reading.
+DOWNLINK_MAX_MESSAGES = 1000
+RECONNECT_ATTEMPTS = 2
+MAX_RECONNECTS_PER_CALL = 5
+ROTATION_RETRY_S = 30.0
+# After a redirect or hang-up through the REST API, Twilio ends the stream; if it does not,
+# the bridge closes it after this long.
+CONTROL_GRACE_S = 10.0
+TOOL_DRAIN_S = 10.0
+# Logged once per call, however often they happen (a DTMF storm, a flood of duplicates).
+ONCE_NOTES = frozenset({"dtmf_invalid_digit_ignored", "duplicate_start_ignored", "realtime_bad_audio_delta"})
+WARNING_NOTES = frozenset({"realtime_error", "realtime_bad_audio_delta"})
+
+
+class CallRecordSink(Protocol):
+    """Where the end-of-call record goes (the durable outbox)."""
+
+    async def add_call_completed(self, *, call_sid: str, caller: str, record: dict[str, Any]) -> str: ...
+
+
+@dataclass
+class BridgeStats:
+    """Counters over all calls, for /healthz and tests."""
+
+    stream_rejected: Counter[str] = field(default_factory=Counter)
+    junk_frames: Counter[str] = field(default_factory=Counter)
+    frames_before_start: int = 0
+    uplink_frames_dropped: int = 0
+    calls_started: int = 0
+    calls_ended: int = 0
+    realtime_reconnects: int = 0
+    realtime_rotations: int = 0
+    realtime_refused: int = 0
+    last_realtime_refusal: str | None = None
+    fallback_redirects: int = 0
+
+
+@dataclass
+class BridgeDeps:
+    """What a call needs from the app; built once in the app's lifespan."""
+
+    settings: Settings
+    stream_key: bytes
+    toolbox: Toolbox
+    twilio: TwilioRest | None = None
+    outbox: CallRecordSink | None = None
+    fallback_twiml: str | None = None
+    transfer_twiml: str | None = None
+    active_calls: dict[str, CallBridge] = field(default_factory=dict)
+    stats: BridgeStats = field(default_factory=BridgeStats)
+    wall_clock: Callable[[], float] = time.time
+    start_timeout_s: float = START_TIMEOUT_S
+    control_grace_s: float = CONTROL_GRACE_S
+
+
+async def serve_media_stream(websocket: WebSocket, deps: BridgeDeps) -> None:
+    """The `/media-stream` endpoint: one Twilio Media Stream, from upgrade to close."""
+    stats = deps.stats
+    if not upgrade_signature_ok(websocket, deps.settings):
+        stats.stream_rejected["bad_upgrade_signature"] += 1
+        logger.warning("media stream refused: bad X-Twilio-Signature on the upgrade")
+        await websocket.close(CLOSE_POLICY_VIOLATION)
+        return
+    await websocket.accept()
+    start = await _wait_for_start(websocket, deps)
+    if start is None:
+        return
+    call_log = CallLog(logger, call_sid=start.call_sid)
+    reason = check_stream_token(
+        deps.stream_key, start.custom_parameters.get("token"), start.call_sid, deps.wall_clock()
+    )
+    if reason is not None:
+        stats.stream_rejected[reason] += 1
+        call_log.warning("media stream refused: stream token %s", reason, extra={"reason": reason})
+        await _close(websocket, CLOSE_POLICY_VIOLATION, "stream token " + reason)
+        return
+    if start.call_sid in deps.active_calls:
+        stats.stream_rejected["duplicate_call"] += 1
+        call_log.warning("media stream refused: this call already has a stream")
+        await _close(websocket, CLOSE_POLICY_VIOLATION, "call already streaming")
+        return
+    bridge = CallBridge(websocket, deps, start)
+    deps.active_calls[start.call_sid] = bridge
+    try:
+        await bridge.run()
+    finally:
+        deps.active_calls.pop(start.call_sid, None)
+
+
+def upgrade_signature_ok(websocket: WebSocket, settings: Settings) -> bool:
+    """Twilio signs `wss://host/path` (no params) on the upgrade; checked where a signature is
+    present and the auth token is known."""
+    signature = websocket.headers.get("x-twilio-signature")
+    if signature is None or not settings.twilio_auth_token:
+        return True
+    if settings.public_url:
+        base = settings.public_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+    else:
+        proto = websocket.headers.get("x-forwarded-proto", websocket.url.scheme).split(",")[0].strip()
+        scheme = {"https": "wss", "http": "ws"}.get(proto, proto)
+        host = websocket.headers.get("x-forwarded-host") or websocket.headers.get("host", "")
+        base = f"{scheme}://{host.split(',')[0].strip()}"
+    validator = RequestValidator(settings.twilio_auth_token)
+    return bool(validator.validate(base + websocket.url.path, {}, signature))
+
+
+async def _wait_for_start(websocket: WebSocket, deps: BridgeDeps) -> Start | None:
+    """Reads until `start`; media before it is ignored. None when the socket is done."""
+    stats = deps.stats
+    junk = _JunkMeter()
+    try:
+        async with asyncio.timeout(deps.start_timeout_s):
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return None
+                parsed = parse_message(_frame(message))
+                if isinstance(parsed, Start):
+                    return parsed
+                if isinstance(parsed, Stop):
+                    logger.info("media stream stopped before start")
+                    await _close(websocket, CLOSE_NORMAL, "stopped")
+                    return None
+                if isinstance(parsed, Media):
+                    stats.frames_before_start += 1
+                elif isinstance(parsed, ProtocolViolation):
+                    stats.junk_frames[parsed.kind] += 1
+                    if junk.over_limit(time.monotonic()):
+                        stats.stream_rejected["junk_frames"] += 1
+                        await _close(websocket, CLOSE_POLICY_VIOLATION, "too many malformed frames")
+                        return None
+    except TimeoutError:
+        stats.stream_rejected["no_start"] += 1
+        logger.warning("media stream closed: no start within %.1f s", deps.start_timeout_s)
+        await _close(websocket, CLOSE_NORMAL, "no start")
+        return None
+
+
+class CallBridge:
+    """One live call: the tasks around a `Call`. Created after the stream token checked out."""
+
+    def __init__(self, websocket: WebSocket, deps: BridgeDeps, start: Start) -> None:
+        self.ws = websocket
+        self.deps = deps
+        self.settings = deps.settings
+        self.stats = deps.stats
+        self.call_sid = start.call_sid
+        self.stream_sid = start.stream_sid
+        params = start.custom_parameters
+        self.context = CallContext(start.call_sid, params.get("caller", ""), params.get("called", ""))
+        self.log = CallLog(logger, call_sid=start.call_sid)
+        self._loop = asyncio.get_running_loop()
+        self._started_wall = deps.wall_clock()
+        transfer_key = self.settings.transfer_dtmf_key if self._can_transfer() else None
+        self.call = Call(
+            call_sid=start.call_sid,
+            stream_sid=start.stream_sid,
+            now_ms=self._now_ms(),
+            audio_format=self.settings.audio_format,
+            transfer_key=transfer_key,
+            session_max_ms=int(self.settings.realtime_session_max_s * 1000),
+        )
+        self.end_reason = ""
+        self.outcome: str | None = None
+        self._close_code = CLOSE_NORMAL
+        self._done = asyncio.Event()
+        self._closing = False
+        self._uplink = _Uplink(UPLINK_MAX_AUDIO_MS // FRAME_MS)
+        self._down: deque[str] = deque()
+        self._down_ready = asyncio.Event()
+        self._pacer_wake = asyncio.Event()
+        self._pacer_target: int | None = None
+        self._rotate = asyncio.Event()
+        self._client: RealtimeClient | None = None
+        self._clients: set[RealtimeClient] = set()
+        self._tool_tasks: set[asyncio.Task[None]] = set()
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._junk = _JunkMeter()
+        self._logged_once: set[str] = set()
+        self._reconnects = 0
+
+    def _now_ms(self) -> int:
+        return int(self._loop.time() * 1000)
+
+    def _can_transfer(self) -> bool:
+        return self.deps.twilio is not None and self.deps.transfer_twiml is not None
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.stats.calls_started += 1
+        self.log.info(
+            "call started",
+            extra={
+                "caller": mask_phone(self.context.caller),
+                "audio_format": self.settings.audio_format,
+                "stream_sid": self.stream_sid,
+            },
+        )
+        tasks = [
+            self._task("twilio-reader", self._guard("twilio-reader", self._read_twilio())),
+            self._task("twilio-writer", self._guard("twilio-writer", self._write_twilio())),
+            self._task("pacer", self._guard("pacer", self._pace())),
+            self._task("realtime", self._guard("realtime", self._supervise_realtime())),
+        ]
+        try:
+            await self._done.wait()
+        finally:
+            self._closing = True
+            for task in tasks + list(self._side_tasks):
+                task.cancel()
+            await asyncio.gather(*tasks, *self._side_tasks, return_exceptions=True)
+            await self._close_realtime()
+            await self._drain_tools()
+            await _close(self.ws, self._close_code, self.end_reason)
+            await self._write_record()
+
+    def _task(self, name: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Every task of a call is named `bridge-<job>-<CallSid>`, so a leak is easy to spot."""
+        return self._loop.create_task(work, name=f"bridge-{name}-{self.call_sid}")
+
+    def _finish(self, reason: str) -> None:
+        if not self._done.is_set():
+            self.end_reason = reason
+            self._done.set()
+
+    async def _guard(self, name: str, work: Coroutine[Any, Any, None]) -> None:
+        """Any task ending ends the call; an unexpected error is logged once, with its trace."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("bridge task %s failed", name)
+            self._finish(f"{name} failed")
+
+    async def _close_realtime(self) -> None:
+        for client in list(self._clients):
+            with contextlib.suppress(Exception):
+                await client.close()
+        self._clients.clear()
+
+    async def _drain_tools(self) -> None:
+        """Lets running tools finish (a promised SMS must still be queued), within a bound."""
+        if not self._tool_tasks:
+            return
+        _, pending = await asyncio.wait(self._tool_tasks, timeout=TOOL_DRAIN_S)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _write_record(self) -> None:
+        now = self._now_ms()
+        record = self.call.record(now)
+        if self.outcome is not None:
+            record["outcome"] = self.outcome
+        record["started_at"] = datetime.fromtimestamp(self._started_wall, UTC).isoformat()
+        record["end_reason"] = self.end_reason
+        self.stats.calls_ended += 1
+        self.log.info(
+            "call ended",
+            extra={
+                "reason": self.end_reason,
+                "outcome": record["outcome"],
+                "duration_s": record["duration_s"],
+                "interruptions": record["interruptions"],
+                "usage": record["usage"],
+            },
+        )
+        if self.deps.outbox is None:
+            return
+        try:
+            await self.deps.outbox.add_call_completed(
+                call_sid=self.call_sid, caller=self.context.caller, record=record
+            )
+        except Exception:
+            self.log.exception("could not queue the call.completed record")
+
+    # --- Twilio side ------------------------------------------------------------------
+
+    async def _read_twilio(self) -> None:
+        ws = self.ws
+        call = self.call
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                self._finish("twilio_closed")
+                return
+            parsed = parse_message(_frame(message))
+            if type(parsed) is Media:
+                if parsed.stream_sid != self.stream_sid:
+                    self._on_junk("foreign_stream")
+                    continue
+                self._dispatch(call.on_twilio(parsed, self._now_ms()))
+            elif isinstance(parsed, ProtocolViolation):
+                self._on_junk(parsed.kind)
+            elif isinstance(parsed, Stop):
+                self._finish("twilio_stop")
+                return
+            else:
+                self._dispatch(call.on_twilio(parsed, self._now_ms()))
+
+    def _on_junk(self, kind: str) -> None:
+        self.stats.junk_frames[kind] += 1
+        if kind not in self._logged_once:
+            self._logged_once.add(kind)
+            self.log.warning("malformed Media Streams frame skipped", extra={"kind": kind})
+        if self._junk.over_limit(time.monotonic()):
+            self.log.warning("too many malformed frames: closing the stream")
+            self._close_code = CLOSE_POLICY_VIOLATION
+            self._finish("junk_frames")
+
+    async def _write_twilio(self) -> None:
+        down = self._down
+        ready = self._down_ready
+        ws = self.ws
+        while True:
+            while not down:
+                ready.clear()
+                await ready.wait()
+            try:
+                await ws.send_text(down.popleft())
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                self._finish("twilio_closed")
+                return
+
+    def _to_twilio(self, text: str) -> None:
+        if len(self._down) >= DOWNLINK_MAX_MESSAGES:
+            if not self._done.is_set():
+                self.log.warning("Twilio stopped reading: closing the stream")
+                self._finish("twilio_stuck")
+            return
+        self._down.append(text)
+        self._down_ready.set()
+
+    # --- the pacer --------------------------------------------------------------------
+
+    async def _pace(self) -> None:
+        """Calls `Call.tick` at its deadlines; `_dispatch` wakes it when one moves earlier."""
+        call = self.call
+        wake = self._pacer_wake
+        while True:
+            deadline = call.next_deadline()
+            self._pacer_target = deadline
+            wake.clear()
+            if deadline is None:
+                await wake.wait()
+            else:
+                delay_s = (deadline - self._now_ms()) / 1000
+                if delay_s > 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay_s):
+                            await wake.wait()
+            now = self._now_ms()
+            due = call.next_deadline()
+            if due is not None and due <= now:
+                self._dispatch(call.tick(now))
+
+    # --- actions ----------------------------------------------------------------------
+
+    def _dispatch(self, actions: list[Action]) -> None:
+        """Carries out what the call asked for, in order; nothing here blocks."""
+        if self._closing:
+            return
+        for action in actions:
+            if isinstance(action, ToTwilio):
+                self._to_twilio(action.text)
+            elif isinstance(action, ToRealtime):
+                if self._uplink.put(action):
+                    self.stats.uplink_frames_dropped += 1
+            elif isinstance(action, Note):
+                self._log_note(action)
+            elif isinstance(action, RunTool):
+                task = self._task("tool", self._run_tool(action))
+                self._tool_tasks.add(task)
+                task.add_done_callback(self._tool_tasks.discard)
+            elif isinstance(action, Transfer):
+                self._side(self._transfer(action))
+            elif isinstance(action, HangUp):
+                self._side(self._hang_up(action))
+            elif isinstance(action, RotateSession):
+                self._rotate.set()
+            elif isinstance(action, Reconnect):
+                self.log.info("Realtime session must be replaced", extra={"reason": action.reason})
+                if self._client is not None:
+                    self._side(self._client.close())
+        target = self._pacer_target
+        deadline = self.call.next_deadline()
+        if deadline is not None and (target is None or deadline < target):
+            self._pacer_wake.set()
+
+    def _side(self, work: Coroutine[Any, Any, None]) -> None:
+        task = self._task("side", self._guard("side", work))
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    def _log_note(self, note: Note) -> None:
+        if note.event in ONCE_NOTES:
+            if note.event in self._logged_once:
+                return
+            self._logged_once.add(note.event)
+        level = logging.WARNING if note.event in WARNING_NOTES else logging.INFO
+        self.log.log(level, note.event, extra=note.fields)
+
+    async def _run_tool(self, action: RunTool) -> None:
+        try:
+            result = await self.deps.toolbox.run(action.name, action.arguments, self.context)
+        except Exception:
+            self.log.exception("tool %s raised", action.name)
+            result = ToolResult(
+                json.dumps({"error": "The tool failed. Apologise and offer to help otherwise."})
+            )
+        self.log.info("tool ran", extra={"tool": action.name, "action": result.action})
+        self._dispatch(self.call.on_tool_result(action.call_id, result, self._now_ms()))
+
+    async def _transfer(self, action: Transfer) -> None:
+        twilio, twiml = self.deps.twilio, self.deps.transfer_twiml
+        if twilio is None or twiml is None:
+            self.log.warning("transfer asked for but not configured (Twilio credentials, store number)")
+            self._dispatch(self.call.transfer_failed(self._now_ms()))
+            return
+        try:
+            await twilio.update_call(self.call_sid, twiml=twiml)
+        except TwilioError as exc:
+            self.log.warning("transfer failed: %s", exc)
+            self._dispatch(self.call.transfer_failed(self._now_ms()))
+            return
+        self.outcome = "transferred"
+        self.log.info("call transferred to the store", extra={"reason": action.reason})
+        await self._await_stream_end()
+
+    async def _hang_up(self, action: HangUp) -> None:
+        twilio = self.deps.twilio
+        self.outcome = "ended_by_bot"
+        if twilio is None:
+            self.log.info("no Twilio credentials: ending the call by closing the stream")
+            self._finish("ended_by_bot")
+            return
+        try:
+            await twilio.update_call(self.call_sid, status="completed")
+        except TwilioError as exc:
+            self.log.warning("hang-up through the Calls API failed: %s", exc)
+            self._finish("ended_by_bot")
+            return
+        self.log.info("call ended by the bot", extra={"reason": action.reason})
+        await self._await_stream_end()
+
+    async def _await_stream_end(self) -> None:
+        """Twilio stops the stream after a redirect or hang-up; close it if it does not."""
+        await asyncio.sleep(self.deps.control_grace_s)
+        self._finish("stream_not_ended_by_twilio")
+
+    async def _fall_back(self, why: str) -> None:
+        """The model is out of reach: hand the live call to the fallback TwiML (or the rest of
+        the stream TwiML, which plays once the socket closes)."""
+        self.outcome = "fallback"
+        self._dispatch(self.call.session_lost(self._now_ms()))
+        twilio, twiml = self.deps.twilio, self.deps.fallback_twiml
+        if twilio is not None and twiml is not None:
+            try:
+                await twilio.update_call(self.call_sid, twiml=twiml)
+            except TwilioError as exc:
+                self.log.warning("fallback redirect failed: %s", exc)
+            else:
+                self.stats.fallback_redirects += 1
+                self.log.warning("call redirected to the fallback TwiML", extra={"why": why})
+                await self._await_stream_end()
+                return
+        self.log.warning("closing the stream so the TwiML after <Connect> plays", extra={"why": why})
+        self._finish("fallback")
+
+    # --- the Realtime side ------------------------------------------------------------
+
+    async def _supervise_realtime(self) -> None:
+        settings = self.settings
+        try:
+            client = await connect_realtime(settings)
+        except RealtimeRefused as exc:
+            self.stats.realtime_refused += 1
+            self.stats.last_realtime_refusal = f"HTTP {exc.status}"
+            self.log.error("Realtime API refused the connection: %s", exc)
+            await self._fall_back("realtime_refused")
+            return
+        except RealtimeError as exc:
+            self.log.error("Realtime API unreachable: %s", exc)
+            await self._fall_back("realtime_unreachable")
+            return
+        self._uplink.clear()
+        while True:
+            self._client = client
+            self._clients.add(client)
+            self._dispatch(self.call.session_opened(self._now_ms()))
+            replacement = await self._run_session(client)
+            if replacement is not None:
+                self.stats.realtime_rotations += 1
+                self.log.info("Realtime session rotated")
+                self._clients.discard(client)
+                self._side(client.close())
+                client = replacement
+                continue
+            self.log.warning(
+                "Realtime socket closed",
+                extra={"close_code": client.close_code, "close_reason": client.close_reason},
+            )
+            self._clients.discard(client)
+            self._client = None
+            self._dispatch(self.call.session_lost(self._now_ms()))
+            self._reconnects += 1
+            self.stats.realtime_reconnects += 1
+            if self._reconnects > MAX_RECONNECTS_PER_CALL:
+                await self._fall_back("realtime_unstable")
+                return
+            try:
+                async with asyncio.timeout(settings.realtime_reconnect_timeout_s):
+                    client = await connect_realtime(settings, attempts=RECONNECT_ATTEMPTS)
+            except (RealtimeError, TimeoutError) as exc:
+                self.log.error("Realtime reconnect failed: %s", exc or "timed out")
+                await self._fall_back("realtime_lost")
+                return
+            self._uplink.clear()
+            self.log.info("Realtime reconnected: restoring the conversation")
+
+    async def _run_session(self, client: RealtimeClient) -> RealtimeClient | None:
+        """Pumps one session until its socket ends (None) or it is replaced (the new client).
+
+        A rotation opens the next session while this one still runs, so the caller hears no gap.
+        """
+        reader = self._task("realtime-reader", self._read_realtime(client))
+        writer = self._task("realtime-writer", self._write_realtime(client))
+        try:
+            while True:
+                rotate = self._loop.create_task(self._rotate.wait(), name=f"bridge-rotate-{self.call_sid}")
+                try:
+                    await asyncio.wait({reader, rotate}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    rotate.cancel()
+                if reader.done():
+                    reader.result()
+                    return None
+                self._rotate.clear()
+                replacement = await self._open_next_session()
+                if replacement is not None:
+                    return replacement
+        finally:
+            for task in (reader, writer):
+                task.cancel()
+            await asyncio.gather(reader, writer, return_exceptions=True)
+
+    async def _open_next_session(self) -> RealtimeClient | None:
+        try:
+            async with asyncio.timeout(self.settings.realtime_reconnect_timeout_s):
+                return await connect_realtime(self.settings, attempts=RECONNECT_ATTEMPTS)
+        except (RealtimeError, TimeoutError) as exc:
+            self.log.warning("Realtime session rotation failed, keeping the old one: %s", exc)
+            self.call.rotation_failed(self._now_ms(), retry_in_ms=int(ROTATION_RETRY_S * 1000))
+            return None
+
+    async def _read_realtime(self, client: RealtimeClient) -> None:
+        call = self.call
+        async for event in client.events():
+            self._dispatch(call.on_realtime(event, self._now_ms()))
+
+    async def _write_realtime(self, client: RealtimeClient) -> None:
+        uplink = self._uplink
+        with contextlib.suppress(ConnectionClosed, OSError):
+            while True:
+                await client.send(await uplink.get())
+
+
+class _Uplink:
+    """Client events for Realtime: control events kept in order, audio bounded (oldest dropped)."""
+
+    __slots__ = ("_audio", "_control", "_max_audio", "_ready")
+
+    def __init__(self, max_audio: int) -> None:
+        self._control: deque[str] = deque()
+        self._audio: deque[str] = deque()
+        self._max_audio = max_audio
+        self._ready = asyncio.Event()
+
+    def put(self, action: ToRealtime) -> bool:
+        """Queues the event; True when an old audio frame had to be dropped for it."""
+        dropped = False
+        if action.audio:
+            if len(self._audio) >= self._max_audio:
+                self._audio.popleft()
+                dropped = True
+            self._audio.append(action.text)
+        else:
+            self._control.append(action.text)
+        self._ready.set()
+        return dropped
+
+    async def get(self) -> str:
+        while not self._control and not self._audio:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._control.popleft() if self._control else self._audio.popleft()
+
+    def clear(self) -> None:
+        self._control.clear()
+        self._audio.clear()
+
+
+class _JunkMeter:
+    """Counts malformed frames per second: a few are noise, a flood is an attack or a bug."""
+
+    __slots__ = ("_count", "_window_start")
+
+    def __init__(self) -> None:
+        self._window_start = 0.0
+        self._count = 0
+
+    def over_limit(self, now_s: float) -> bool:
+        if now_s - self._window_start >= 1.0:
+            self._window_start = now_s
+            self._count = 0
+        self._count += 1
+        return self._count > JUNK_LIMIT_PER_S
+
+
+def _frame(message: Mapping[str, Any]) -> str | bytes:
+    text = message.get("text")
+    if text is not None:
+        return str(text)
+    data = message.get("bytes")
+    return bytes(data) if data is not None else b""
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    """Closes the Twilio socket if it is still open; a peer that already left is fine."""
+    if websocket.application_state == WebSocketState.DISCONNECTED:
+        return
+    if websocket.client_state == WebSocketState.DISCONNECTED:
+        return
+    with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
+        await websocket.close(code, reason)
