@@ -171,7 +171,7 @@ async def greeted(call: PhoneCall) -> None:
 
 
 async def test_a_call_greets_answers_with_a_tool_and_ends_cleanly(stack: Stack) -> None:
-    async with stack.dial(caller="+15551234567") as call:
+    async with stack.dial(caller="+15551234567", pace=False) as call:
         await greeted(call)
         await call.say(WASHERS)
         await call.wait_for_audio(10.0)
@@ -263,6 +263,22 @@ async def test_a_bad_stream_token_closes_1008_before_any_realtime_connect(
     assert call.close_code == 1008
     assert stack.deps.stats.stream_rejected == {reason: 1}
     assert stack.realtime.sessions == []
+
+
+async def test_an_upgrade_signed_with_the_wrong_token_is_refused_before_anything_opens(stack: Stack) -> None:
+    call = await dial(
+        stack.base_url, account_sid=stack.twilio_api.account_sid, auth_token="not-the-auth-token"
+    )
+    await call.wait_closed(3.0)
+    assert call.stream_error == "HTTP 403"
+    assert stack.deps.stats.stream_rejected == {"bad_upgrade_signature": 1}
+    assert stack.realtime.sessions == []
+
+
+async def test_an_unsigned_upgrade_is_accepted_on_the_strength_of_the_stream_token(stack: Stack) -> None:
+    async with stack.dial(sign_stream=False) as call:
+        await greeted(call)
+    assert stack.deps.stats.stream_rejected == {}
 
 
 async def test_an_expired_token_for_this_call_closes_1008(stack: Stack) -> None:
