@@ -3,14 +3,14 @@
 Both directions run 100 times a second per call, and every sample they hold back is delay the
 caller hears. So the filter is a short linear-phase low-pass (Kaiser-windowed sinc at 24 kHz,
 99 taps: flat to 3.4 kHz, at least 80 dB down from 4.6 kHz, 2 ms of delay), run as a polyphase
-FIR with its state carried across chunks, and each chunk costs a handful of C calls:
+FIR with its state carried across chunks. A 20 ms frame costs a handful of C calls:
 
 - the new samples land in a persistent buffer after the filter's history (`audioop` decodes
   mu-law to PCM16 there; it measures faster than a numpy table);
-- one matrix product over a block-Toeplitz view of that buffer: each row holds the inputs of
-  `_ROW_SAMPLES` consecutive 8 kHz samples, so the product is a BLAS-sized (rows, taps) @
-  (taps, outputs per row) rather than a dot product per output sample;
-- one cast to int16. Outputs can leave the int16 range only after an input above
+- one float32 matrix product over a block-Toeplitz view of that buffer: each of its 20 rows
+  holds the inputs of 8 consecutive 8 kHz samples, so a frame is one BLAS-sized
+  (20, taps) @ (taps, outputs per row) product rather than a dot product per output sample;
+- one cast to int16. Outputs can leave the int16 range only near an input above
   32767 / (the largest sum of |taps| of an output), about -5.6 dBFS; `audioop.max` tells when,
   and then a saturating table does the cast.
 
@@ -18,9 +18,12 @@ Outputs are time-aligned with the inputs: the filter's ramp-up (its 2 ms delay) 
 the start and `flush()` pushes silence through to emit the end, so n mu-law bytes become exactly
 6n PCM bytes and 3n PCM samples exactly n mu-law bytes.
 
-Chunking never changes a sample: inputs are integers and taps are multiples of 2**-24, so every
-float64 sum is exact whatever order BLAS adds in (float32 sums, measured here, differ in the last
-bit between product shapes and flip an output by one now and then).
+Chunking never changes a sample. float32 sums depend on where BLAS meets them (the same row
+gives a different last bit in a product of another shape or at another row), so products always
+cover a fixed grid of 20 ms blocks counted from the start of the stream, in the same shape: a
+chunk that ends inside a block computes the whole block and emits its part, and the block is
+computed again when the rest arrives. Each output is thus always the same sum of the same
+products, whatever the chunking; 20 ms frames from the stream start cost one product each.
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ FILTER_DELAY_MS: Final = FILTER_DELAY_SAMPLES * 1000 / REALTIME_RATE_HZ
 
 _PHASE_TAPS: Final = FILTER_TAPS // RATE_RATIO
 _ROW_SAMPLES: Final = 8
+_BLOCK_ROWS: Final = 20
+# Outputs at 8 kHz (inputs up, outputs down) per product: one 20 ms frame.
+_BLOCK: Final = _ROW_SAMPLES * _BLOCK_ROWS
 _INT16_MAX: Final = 32767
-_COEFF_STEP: Final = 2.0**-24
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -76,19 +81,8 @@ def lowpass_taps() -> FloatArray:
     n = np.arange(FILTER_TAPS) - FILTER_DELAY_SAMPLES
     taps = np.sinc(2 * FILTER_CUTOFF_HZ / REALTIME_RATE_HZ * n)
     taps *= np.kaiser(FILTER_TAPS, FILTER_KAISER_BETA)
-    return _exact(taps)
-
-
-def _exact(taps: FloatArray) -> FloatArray:
-    """Rounds taps to multiples of 2**-24 that sum to exactly 1 (the largest tap takes the rest).
-
-    With int16 inputs every product then fits in 41 bits and every sum of ~100 of them in 48,
-    so float64 adds them without rounding, in any order.
-    """
-    steps: FloatArray = np.round(taps / taps.sum() / _COEFF_STEP)
-    steps[np.argmax(np.abs(steps))] += round(1 / _COEFF_STEP) - steps.sum()
-    exact: FloatArray = steps * _COEFF_STEP
-    return exact
+    unit: FloatArray = taps / taps.sum()
+    return unit
 
 
 def _up_matrix(lowpass: FloatArray) -> FloatArray:
@@ -99,7 +93,8 @@ def _up_matrix(lowpass: FloatArray) -> FloatArray:
     """
     matrix = np.zeros((_ROW_SAMPLES + _PHASE_TAPS - 1, RATE_RATIO * _ROW_SAMPLES))
     for phase in range(RATE_RATIO):
-        taps = _exact(lowpass[phase::RATE_RATIO])
+        # Each phase sums to 1: DC in, DC out, with no ripple at the 8 kHz rate.
+        taps = lowpass[phase::RATE_RATIO] / lowpass[phase::RATE_RATIO].sum()
         for out in range(_ROW_SAMPLES):
             # Row j holds x[m - (out + K - 1 - j)], so tap k sits at row out + K - 1 - k.
             matrix[out : out + _PHASE_TAPS, RATE_RATIO * out + phase] = taps[::-1]
@@ -129,27 +124,31 @@ def _saturate_table(reach: int) -> npt.NDArray[np.int16]:
 
 
 _LOWPASS: Final = lowpass_taps()
-_UP_MATRIX: Final = _up_matrix(_LOWPASS)
-_DOWN_MATRIX: Final = _down_matrix(_LOWPASS)
+_UP_MATRIX: Final = _up_matrix(_LOWPASS).astype(np.float32)
+_DOWN_MATRIX: Final = _down_matrix(_LOWPASS).astype(np.float32)
 _UP_SAFE_PEAK: Final = _safe_peak(_up_matrix(_LOWPASS))
 _DOWN_SAFE_PEAK: Final = _safe_peak(_down_matrix(_LOWPASS))
 # Every reachable output: the worst-case gain is well under 2.
 _SATURATE: Final = _saturate_table(2 * (_INT16_MAX + 1))
 
-_UP_KEEP_BYTES: Final = 2 * (_PHASE_TAPS - 1)
-_UP_WINDOW: Final = _ROW_SAMPLES + _PHASE_TAPS - 1
-_UP_ROW_BYTES: Final = 2 * _ROW_SAMPLES
-# A sample above the safe peak reaches the outputs of the next K - 1 inputs.
-_UP_LOUD_SPAN: Final = _PHASE_TAPS
+_UP_KEEP: Final = _PHASE_TAPS - 1
+_UP_WINDOW: Final = _ROW_SAMPLES + _UP_KEEP
+_UP_KEEP_BYTES: Final = 2 * _UP_KEEP
+_UP_BLOCK_BYTES: Final = 2 * _BLOCK
 _UP_FLUSH: Final = bytes([MULAW_SILENCE_BYTE]) * -(-FILTER_DELAY_SAMPLES // RATE_RATIO)
 
 _DOWN_WINDOW: Final = RATE_RATIO * (_ROW_SAMPLES - 1) + FILTER_TAPS
-_DOWN_ROW_BYTES: Final = 2 * RATE_RATIO * _ROW_SAMPLES
-# The history starts D samples before the first input, so output 0 centres on input 0.
-_DOWN_START_BYTES: Final = 2 * FILTER_DELAY_SAMPLES
-# A sample above the safe peak reaches the outputs emitted over the next N inputs.
-_DOWN_LOUD_SPAN: Final = FILTER_TAPS + RATE_RATIO
-_DOWN_FLUSH: Final = bytes(4 * FILTER_DELAY_SAMPLES)
+# Output c of a block needs its inputs 3c .. 3c + 2D, counted from the block's first window.
+_DOWN_SPAN: Final = 2 * FILTER_DELAY_SAMPLES
+# Blocks start this many outputs before the 20 ms marks, so that 20 ms input frames from the
+# stream start each complete exactly one block despite the filter's delay.
+_DOWN_LEAD: Final = _BLOCK - (RATE_RATIO * _BLOCK - FILTER_DELAY_SAMPLES + 2) // RATE_RATIO
+_DOWN_START: Final = RATE_RATIO * _DOWN_LEAD + FILTER_DELAY_SAMPLES
+# Inputs the windows of one block span.
+_DOWN_REACH: Final = RATE_RATIO * _BLOCK + _DOWN_SPAN
+_DOWN_BLOCK_INPUTS: Final = RATE_RATIO * _BLOCK
+_DOWN_BLOCK_BYTES: Final = 2 * _DOWN_BLOCK_INPUTS
+_DOWN_FLUSH: Final = bytes(2 * (_DOWN_SPAN + RATE_RATIO))
 
 _ulaw2lin = audioop.ulaw2lin
 _lin2ulaw = audioop.lin2ulaw
@@ -158,48 +157,47 @@ _int16 = np.int16
 _intp = np.intp
 
 
+def _to_int16(filtered: npt.NDArray[np.float32], loud: bool) -> npt.NDArray[np.int16]:
+    """Truncates to int16, through the saturating table when an input was loud enough to clip."""
+    samples: npt.NDArray[np.int16]
+    if loud:
+        samples = _SATURATE[filtered.astype(_intp)]
+    else:
+        samples = filtered.astype(_int16)
+    return samples
+
+
 class InboundTranscoder:
     """Twilio -> Realtime: mu-law 8 kHz in chunks of any length, to PCM16LE 24 kHz."""
 
-    __slots__ = ("_buffer", "_count", "_end", "_loud", "_skip", "_trim", "_windows")
+    __slots__ = ("_buffer", "_filled", "_skip", "_steady", "_view", "_windows")
 
-    _windows: npt.NDArray[np.int16]
+    _filled: int
+    _skip: int
+    _steady: bool
 
     def __init__(self) -> None:
-        self._buffer = bytearray(_UP_KEEP_BYTES)
-        self._count = -1
-        self._end = _UP_KEEP_BYTES
-        self._trim = False
-        self._loud = 0
-        self._skip = FILTER_DELAY_SAMPLES
+        # int16 samples: the filter's history, then the current 20 ms block.
+        self._buffer = bytearray(2 * (_UP_KEEP + _BLOCK))
+        self._view = memoryview(self._buffer)
+        self._windows: npt.NDArray[np.int16] = np.ndarray(
+            (_BLOCK_ROWS, _UP_WINDOW), "<i2", self._buffer, 0, (2 * _ROW_SAMPLES, 2)
+        )
+        self.reset()
 
     def convert(self, ulaw: bytes) -> bytes:
         """Returns 3 PCM samples per mu-law byte, less the 2 ms held back at stream start."""
-        count = len(ulaw)
-        if count != self._count:
-            if not count:
-                return b""
-            self._layout(count)
-        pcm = _ulaw2lin(ulaw, 2)
-        buffer = self._buffer
-        end = self._end
-        buffer[_UP_KEEP_BYTES:end] = pcm
-        filtered = self._windows.dot(_UP_MATRIX)
-        buffer[:_UP_KEEP_BYTES] = buffer[end - _UP_KEEP_BYTES : end]
-        loud = self._loud
-        if _peak(pcm, 2) > _UP_SAFE_PEAK:
-            self._loud = _UP_LOUD_SPAN
-            loud = 1
-        elif loud:
-            self._loud = max(0, loud - count)
-        if self._trim or self._skip:
-            filtered = self._trimmed(filtered, count)
-        samples: npt.NDArray[np.int16]
-        if loud:
-            samples = _SATURATE[filtered.astype(_intp)]
-        else:
-            samples = filtered.astype(_int16)
-        return samples.tobytes()
+        if self._steady and len(ulaw) == _BLOCK:
+            # A whole block past the ramp-up: the 20 ms frames Twilio sends.
+            buffer = self._buffer
+            buffer[_UP_KEEP_BYTES:] = _ulaw2lin(ulaw, 2)
+            filtered: npt.NDArray[np.float32] = self._windows.dot(_UP_MATRIX)
+            loud = _peak(self._view, 2) > _UP_SAFE_PEAK
+            buffer[:_UP_KEEP_BYTES] = buffer[_UP_BLOCK_BYTES:]
+            if loud:
+                return _to_int16(filtered, loud).tobytes()
+            return filtered.astype(_int16).tobytes()
+        return self._convert_pieces(ulaw)
 
     def flush(self) -> bytes:
         """Returns the held-back end of the stream and starts a new stream."""
@@ -210,29 +208,34 @@ class InboundTranscoder:
 
     def reset(self) -> None:
         """Forgets the stream so far (filter state and held-back samples)."""
-        self._buffer[:_UP_KEEP_BYTES] = bytes(_UP_KEEP_BYTES)
-        self._loud = 0
+        self._buffer[: 2 * _UP_KEEP] = bytes(2 * _UP_KEEP)
+        self._filled = 0
         self._skip = FILTER_DELAY_SAMPLES
+        self._steady = False
 
-    def _trimmed(self, filtered: FloatArray, count: int) -> FloatArray:
-        """Drops the filter's ramp-up at stream start and the padding of a partial last row."""
-        produced = RATE_RATIO * count
-        skip = min(self._skip, produced)
-        self._skip -= skip
-        return filtered.reshape(-1)[skip:produced]
-
-    def _layout(self, count: int) -> None:
-        """Lays the windows out for chunks of `count` inputs, growing the buffer if needed."""
-        rows = -(-count // _ROW_SAMPLES)
-        size = rows * _UP_ROW_BYTES + _UP_KEEP_BYTES
-        if len(self._buffer) < size:
-            history = self._buffer[:_UP_KEEP_BYTES]
-            self._buffer = bytearray(size)
-            self._buffer[:_UP_KEEP_BYTES] = history
-        self._windows = np.ndarray((rows, _UP_WINDOW), "<i2", self._buffer, 0, (_UP_ROW_BYTES, 2))
-        self._count = count
-        self._end = _UP_KEEP_BYTES + 2 * count
-        self._trim = rows * _ROW_SAMPLES != count
+    def _convert_pieces(self, ulaw: bytes) -> bytes:
+        """Any chunk: fills the current block piece by piece, emitting as it goes."""
+        out = []
+        buffer = self._buffer
+        done = 0
+        while done < len(ulaw):
+            filled = self._filled
+            take = min(_BLOCK - filled, len(ulaw) - done)
+            start, stop = filled, filled + take
+            buffer[2 * (_UP_KEEP + start) : 2 * (_UP_KEEP + stop)] = _ulaw2lin(ulaw[done : done + take], 2)
+            done += take
+            filtered = self._windows.dot(_UP_MATRIX).reshape(-1)
+            loud = _peak(self._view[2 * start : 2 * (_UP_KEEP + stop)], 2) > _UP_SAFE_PEAK
+            begin = RATE_RATIO * start
+            skip = min(self._skip, RATE_RATIO * take)
+            self._skip -= skip
+            out.append(_to_int16(filtered[begin + skip : RATE_RATIO * stop], loud).tobytes())
+            if stop == _BLOCK:
+                buffer[: 2 * _UP_KEEP] = buffer[2 * _BLOCK :]
+                stop = 0
+            self._filled = stop
+        self._steady = not self._filled and not self._skip
+        return b"".join(out)
 
 
 class Downsampler:
@@ -242,54 +245,63 @@ class Downsampler:
     benchmark measure the filter below mu-law's noise floor.
     """
 
-    __slots__ = ("_buffer", "_carry", "_count", "_kept", "_loud", "_trim", "_windows")
+    __slots__ = ("_buffer", "_carry", "_done", "_kept", "_reach", "_view", "_windows")
 
     _SAMPLE_BYTES = 2
-    _windows: npt.NDArray[np.int16]
+    _done: int
+    _kept: int
+    _carry: bytes
 
     def __init__(self) -> None:
-        self._buffer = bytearray(_DOWN_START_BYTES)
-        self._count = -1
-        self._trim = False
-        self._kept = _DOWN_START_BYTES
-        self._carry = b""
-        self._loud = 0
+        # int16 samples from the first input of the current block's first window on.
+        self._buffer = bytearray(2 * (_DOWN_START + _DOWN_REACH))
+        self._view = memoryview(self._buffer)
+        self._reach = self._view[: 2 * _DOWN_REACH]
+        self._windows: npt.NDArray[np.int16] = self._layout(0)
+        self.reset()
 
     def convert(self, pcm: bytes) -> bytes:
         """Returns one output sample per 3 input samples, less the 2 ms held back."""
         if self._carry or len(pcm) & 1:
             pcm = self._whole_samples(pcm)
         kept = self._kept
-        end = kept + len(pcm)
-        # Output m needs inputs up to 3m + D, and the buffer starts at input 3m - D.
-        count = (end // 2 - 2 * FILTER_DELAY_SAMPLES + 2) // RATE_RATIO
-        if count != self._count:
-            self._layout(max(count, 0), end)
-        buffer = self._buffer
-        buffer[kept:end] = pcm
-        loud = self._loud
-        if pcm and _peak(pcm, 2) > _DOWN_SAFE_PEAK:
-            self._loud = _DOWN_LOUD_SPAN
-            loud = 1
-        elif loud:
-            self._loud = max(0, loud - len(pcm) // 2)
-        if count <= 0:
-            self._kept = end
-            return b""
-        filtered = self._windows.dot(_DOWN_MATRIX)
-        used = 2 * RATE_RATIO * count
-        buffer[: end - used] = buffer[used:end]
-        self._kept = end - used
-        if self._trim:
-            filtered = filtered.reshape(-1)[:count]
-        if loud:
-            return self._encode(_SATURATE[filtered.astype(_intp)])
-        return self._encode(filtered.astype(_int16))
+        end = kept + len(pcm) // 2
+        # Room for the windows of the block that `end` falls in (they may read past the data).
+        if 2 * (end + _DOWN_REACH) > len(self._buffer):
+            self._grow(2 * (end + _DOWN_REACH))
+        self._buffer[2 * kept : 2 * end] = pcm
+        self._kept = end
+        ready = (end - _DOWN_SPAN + 2) // RATE_RATIO
+        if ready == _BLOCK and not self._done:
+            # Exactly the next block: the 20 ms frames of a steady stream.
+            filtered: npt.NDArray[np.float32] = self._windows.dot(_DOWN_MATRIX)
+            loud = _peak(self._reach, 2) > _DOWN_SAFE_PEAK
+            rest = end - _DOWN_BLOCK_INPUTS
+            self._buffer[: 2 * rest] = self._buffer[_DOWN_BLOCK_BYTES : 2 * end]
+            self._kept = rest
+            if loud:
+                return self._encode(_to_int16(filtered, loud))
+            return self._encode(filtered.astype(_int16))
+        out = []
+        base = 0
+        while ready > self._done:
+            done = self._done
+            stop = min(ready, _BLOCK)
+            windows = self._windows if not base else self._layout(base)
+            out.append(self._emit_block(windows, done, stop, base))
+            if stop < _BLOCK:
+                break
+            base += RATE_RATIO * _BLOCK
+            ready -= _BLOCK
+        if base:
+            self._buffer[: 2 * (end - base)] = self._buffer[2 * base : 2 * end]
+            self._kept = end - base
+        return b"".join(out)
 
     def flush(self) -> bytes:
         """Returns the held-back end of the stream (a dangling odd byte is dropped), then resets."""
         # One output per started group of 3 inputs not yet covered.
-        owed = -(-(self._kept // 2 - FILTER_DELAY_SAMPLES) // RATE_RATIO)
+        owed = -(-(self._kept - FILTER_DELAY_SAMPLES) // RATE_RATIO) - self._done
         self._carry = b""
         tail = self.convert(_DOWN_FLUSH) if owed > 0 else b""
         self.reset()
@@ -297,14 +309,25 @@ class Downsampler:
 
     def reset(self) -> None:
         """Forgets the stream so far (filter state, held-back samples and any odd byte)."""
-        self._buffer[:_DOWN_START_BYTES] = bytes(_DOWN_START_BYTES)
-        self._kept = _DOWN_START_BYTES
+        self._buffer[: 2 * _DOWN_START] = bytes(2 * _DOWN_START)
+        self._kept = _DOWN_START
+        self._done = _DOWN_LEAD
         self._carry = b""
-        self._loud = 0
 
     @staticmethod
     def _encode(samples: npt.NDArray[np.int16]) -> bytes:
         return samples.tobytes()
+
+    def _emit_block(self, windows: npt.NDArray[np.int16], start: int, stop: int, base: int) -> bytes:
+        """Outputs `start` to `stop` of the block whose first window begins at input `base`."""
+        filtered = windows.dot(_DOWN_MATRIX).reshape(-1)
+        first = base + RATE_RATIO * start
+        last = base + RATE_RATIO * (stop - 1) + _DOWN_SPAN + 1
+        loud = _peak(self._view[2 * first : 2 * last], 2) > _DOWN_SAFE_PEAK
+        self._done = stop if stop < _BLOCK else 0
+        if start or stop < _BLOCK:
+            filtered = filtered[start:stop]
+        return self._encode(_to_int16(filtered, loud))
 
     def _whole_samples(self, pcm: bytes) -> bytes:
         """Joins a byte carried from the last chunk and carries a trailing half sample."""
@@ -312,22 +335,18 @@ class Downsampler:
         self._carry = pcm[-1:] if len(pcm) & 1 else b""
         return pcm[: len(pcm) & ~1]
 
-    def _layout(self, count: int, end: int) -> None:
-        """Lays the windows out for `count` outputs, growing the buffer (keeping its data)."""
-        rows = -(-count // _ROW_SAMPLES)
-        # A chunk yielding `count` outputs ends before input 3 * count + 2D.
-        size = max(
-            rows * _DOWN_ROW_BYTES + 2 * (_DOWN_WINDOW - RATE_RATIO * _ROW_SAMPLES),
-            2 * (RATE_RATIO * count + 2 * FILTER_DELAY_SAMPLES + 1),
-            end,
-        )
-        if len(self._buffer) < size:
-            kept = self._buffer[: self._kept]
-            self._buffer = bytearray(size)
-            self._buffer[: self._kept] = kept
-        self._windows = np.ndarray((rows, _DOWN_WINDOW), "<i2", self._buffer, 0, (_DOWN_ROW_BYTES, 2))
-        self._count = count
-        self._trim = rows * _ROW_SAMPLES != count
+    def _layout(self, base: int) -> npt.NDArray[np.int16]:
+        """The block's windows, starting at input `base` of the buffer."""
+        return np.ndarray((_BLOCK_ROWS, _DOWN_WINDOW), "<i2", self._buffer, 2 * base, (6 * _ROW_SAMPLES, 2))
+
+    def _grow(self, size: int) -> None:
+        """Moves to a buffer of at least `size` bytes, keeping its samples."""
+        kept = self._buffer[: 2 * self._kept]
+        self._buffer = bytearray(2 * size)
+        self._buffer[: len(kept)] = kept
+        self._view = memoryview(self._buffer)
+        self._reach = self._view[: 2 * _DOWN_REACH]
+        self._windows = self._layout(0)
 
 
 class OutboundTranscoder(Downsampler):
