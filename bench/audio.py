@@ -337,7 +337,7 @@ def main(argv: list[str]) -> int:
     alias_freqs = (5000, 7000, 9000, 11000)
     band = range(300, 3401, 500 if smoke else 100)
     callers = CALLERS[:1] if smoke else CALLERS
-    rounds = 3 if smoke else 25
+    rounds = 10 if smoke else 40
     seconds = 4.0 if smoke else 11.0
 
     print(f"# bench/audio.py{' --smoke' if smoke else ''}: {blas_note()}, Python {sys.version.split()[0]}")

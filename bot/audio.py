@@ -2,7 +2,7 @@
 
 Both directions run 100 times a second per call, and every sample they hold back is delay the
 caller hears. So the filter is a short linear-phase low-pass (Kaiser-windowed sinc at 24 kHz,
-99 taps: flat to 3.4 kHz, at least 80 dB down from 4.6 kHz, 2 ms of delay), run as a polyphase
+93 taps: flat to 3.4 kHz, at least 78 dB down from 4.6 kHz, 1.9 ms of delay), run as a polyphase
 FIR with its state carried across chunks. A 20 ms frame costs a handful of C calls:
 
 - the new samples land in a persistent buffer after the filter's history (`audioop` decodes
@@ -11,10 +11,10 @@ FIR with its state carried across chunks. A 20 ms frame costs a handful of C cal
   holds the inputs of 8 consecutive 8 kHz samples, so a frame is one BLAS-sized
   (20, taps) @ (taps, outputs per row) product rather than a dot product per output sample;
 - one cast to int16. Outputs can leave the int16 range only near an input above
-  32767 / (the largest sum of |taps| of an output), about -5.6 dBFS; `audioop.max` tells when,
+  32767 / (the largest sum of |taps| of an output), about -6 dBFS; `audioop.max` tells when,
   and then a saturating table does the cast.
 
-Outputs are time-aligned with the inputs: the filter's ramp-up (its 2 ms delay) is dropped at
+Outputs are time-aligned with the inputs: the filter's ramp-up (its 1.9 ms delay) is dropped at
 the start and `flush()` pushes silence through to emit the end, so n mu-law bytes become exactly
 6n PCM bytes and 3n PCM samples exactly n mu-law bytes.
 
@@ -45,9 +45,9 @@ FRAME_MS: Final = 20
 MULAW_SILENCE_BYTE: Final = 0xFF
 RATE_RATIO: Final = REALTIME_RATE_HZ // TWILIO_RATE_HZ
 
-FILTER_TAPS: Final = 99
-FILTER_CUTOFF_HZ: Final = 3925.0
-FILTER_KAISER_BETA: Final = 8.25
+FILTER_TAPS: Final = 93
+FILTER_CUTOFF_HZ: Final = 3950.0
+FILTER_KAISER_BETA: Final = 7.75
 FILTER_DELAY_SAMPLES: Final = (FILTER_TAPS - 1) // 2
 FILTER_DELAY_MS: Final = FILTER_DELAY_SAMPLES * 1000 / REALTIME_RATE_HZ
 
@@ -186,7 +186,7 @@ class InboundTranscoder:
         self.reset()
 
     def convert(self, ulaw: bytes) -> bytes:
-        """Returns 3 PCM samples per mu-law byte, less the 2 ms held back at stream start."""
+        """Returns 3 PCM samples per mu-law byte, less the 1.9 ms held back at stream start."""
         if self._steady and len(ulaw) == _BLOCK:
             # A whole block past the ramp-up: the 20 ms frames Twilio sends.
             buffer = self._buffer
@@ -261,7 +261,7 @@ class Downsampler:
         self.reset()
 
     def convert(self, pcm: bytes) -> bytes:
-        """Returns one output sample per 3 input samples, less the 2 ms held back."""
+        """Returns one output sample per 3 input samples, less the 1.9 ms held back."""
         if self._carry or len(pcm) & 1:
             pcm = self._whole_samples(pcm)
         kept = self._kept
