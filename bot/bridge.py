@@ -340,6 +340,7 @@ class CallBridge:
     async def _read_twilio(self) -> None:
         ws = self.ws
         call = self.call
+        uplink = self._uplink
         while True:
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
@@ -350,7 +351,11 @@ class CallBridge:
                 if parsed.stream_sid != self.stream_sid:
                     self._on_junk("foreign_stream")
                     continue
-                self._dispatch(call.on_twilio(parsed, self._now_ms()))
+                if self._closing:
+                    continue
+                for action in call.on_media(parsed, self._now_ms()):
+                    if uplink.put(action):
+                        self.stats.uplink_frames_dropped += 1
             elif isinstance(parsed, ProtocolViolation):
                 self._on_junk(parsed.kind)
             elif isinstance(parsed, Stop):

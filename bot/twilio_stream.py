@@ -53,9 +53,11 @@ class Start:
     tracks: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Media:
-    """One inbound audio frame: `payload` is Twilio's base64 text, `audio` its mu-law bytes."""
+    """One inbound audio frame: `payload` is Twilio's base64 text, `audio` its mu-law bytes.
+
+    Not frozen: fifty are built a second per call, and a frozen init costs a setattr per field."""
 
     stream_sid: str
     timestamp_ms: int
