@@ -538,17 +538,19 @@ class CallBridge:
     async def _supervise_realtime(self) -> None:
         settings = self.settings
         try:
-            client = await connect_realtime(settings)
+            async with asyncio.timeout(settings.realtime_reconnect_timeout_s):
+                client = await connect_realtime(settings)
         except RealtimeRefused as exc:
             self.stats.realtime_refused += 1
             self.stats.last_realtime_refusal = f"HTTP {exc.status}"
             self.log.error("Realtime API refused the connection: %s", exc)
             await self._fall_back("realtime_refused")
             return
-        except RealtimeError as exc:
-            self.log.error("Realtime API unreachable: %s", exc)
+        except (RealtimeError, TimeoutError) as exc:
+            self.log.error("Realtime API unreachable: %s", exc or "timed out")
             await self._fall_back("realtime_unreachable")
             return
+        self.stats.last_realtime_refusal = None
         self._uplink.clear()
         while True:
             self._client = client
