@@ -148,6 +148,8 @@ _DOWN_START: Final = RATE_RATIO * _DOWN_LEAD + FILTER_DELAY_SAMPLES
 _DOWN_REACH: Final = RATE_RATIO * _BLOCK + _DOWN_SPAN
 _DOWN_BLOCK_INPUTS: Final = RATE_RATIO * _BLOCK
 _DOWN_BLOCK_BYTES: Final = 2 * _DOWN_BLOCK_INPUTS
+_DOWN_START_BYTES: Final = 2 * _DOWN_START
+_DOWN_FULL_BYTES: Final = _DOWN_START_BYTES + _DOWN_BLOCK_BYTES
 _DOWN_FLUSH: Final = bytes(2 * (_DOWN_SPAN + RATE_RATIO))
 
 _ulaw2lin = audioop.ulaw2lin
@@ -245,12 +247,13 @@ class Downsampler:
     benchmark measure the filter below mu-law's noise floor.
     """
 
-    __slots__ = ("_buffer", "_carry", "_done", "_kept", "_reach", "_view", "_windows")
+    __slots__ = ("_buffer", "_carry", "_done", "_kept", "_reach", "_steady", "_view", "_windows")
 
     _SAMPLE_BYTES = 2
     _done: int
     _kept: int
     _carry: bytes
+    _steady: bool
 
     def __init__(self) -> None:
         # int16 samples from the first input of the current block's first window on.
@@ -262,6 +265,21 @@ class Downsampler:
 
     def convert(self, pcm: bytes) -> bytes:
         """Returns one output sample per 3 input samples, less the 1.9 ms held back."""
+        if self._steady and len(pcm) == _DOWN_BLOCK_BYTES:
+            # The next whole block, with the buffer just refilled to its start: the 20 ms
+            # frames of a steady stream (blocks are laid out so that these line up).
+            buffer = self._buffer
+            buffer[_DOWN_START_BYTES:_DOWN_FULL_BYTES] = pcm
+            filtered: npt.NDArray[np.float32] = self._windows.dot(_DOWN_MATRIX)
+            loud = _peak(self._reach, 2) > _DOWN_SAFE_PEAK
+            buffer[:_DOWN_START_BYTES] = buffer[_DOWN_BLOCK_BYTES:_DOWN_FULL_BYTES]
+            if loud:
+                return self._encode(_to_int16(filtered, loud))
+            return self._encode(filtered.astype(_int16))
+        return self._convert_any(pcm)
+
+    def _convert_any(self, pcm: bytes) -> bytes:
+        """Any chunk: emits every output its inputs complete, block by block."""
         if self._carry or len(pcm) & 1:
             pcm = self._whole_samples(pcm)
         kept = self._kept
@@ -270,18 +288,7 @@ class Downsampler:
         if 2 * (end + _DOWN_REACH) > len(self._buffer):
             self._grow(2 * (end + _DOWN_REACH))
         self._buffer[2 * kept : 2 * end] = pcm
-        self._kept = end
         ready = (end - _DOWN_SPAN + 2) // RATE_RATIO
-        if ready == _BLOCK and not self._done:
-            # Exactly the next block: the 20 ms frames of a steady stream.
-            filtered: npt.NDArray[np.float32] = self._windows.dot(_DOWN_MATRIX)
-            loud = _peak(self._reach, 2) > _DOWN_SAFE_PEAK
-            rest = end - _DOWN_BLOCK_INPUTS
-            self._buffer[: 2 * rest] = self._buffer[_DOWN_BLOCK_BYTES : 2 * end]
-            self._kept = rest
-            if loud:
-                return self._encode(_to_int16(filtered, loud))
-            return self._encode(filtered.astype(_int16))
         out = []
         base = 0
         while ready > self._done:
@@ -295,7 +302,8 @@ class Downsampler:
             ready -= _BLOCK
         if base:
             self._buffer[: 2 * (end - base)] = self._buffer[2 * base : 2 * end]
-            self._kept = end - base
+        self._kept = end - base
+        self._steady = not self._carry and not self._done and self._kept == _DOWN_START
         return b"".join(out)
 
     def flush(self) -> bytes:
@@ -313,6 +321,7 @@ class Downsampler:
         self._kept = _DOWN_START
         self._done = _DOWN_LEAD
         self._carry = b""
+        self._steady = False
 
     @staticmethod
     def _encode(samples: npt.NDArray[np.int16]) -> bytes:
