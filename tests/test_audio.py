@@ -129,6 +129,14 @@ def test_a_partial_group_of_3_samples_still_yields_its_output() -> None:
     assert len(down(random_pcm(1, 3 * 100 + 1))) == 101
 
 
+def test_20ms_frames_equal_one_shot_conversion() -> None:
+    speech_like = np.random.default_rng(2).normal(0, 12000, 24000)
+    ulaw = pcm16_to_ulaw(pcm_bytes(speech_like[:8000]))
+    assert chunked(InboundTranscoder(), ulaw, [160] * 50) == up(ulaw)
+    pcm = pcm_bytes(speech_like)
+    assert chunked(OutboundTranscoder(), pcm, [960] * 50) == down(pcm)
+
+
 def test_empty_chunks_change_nothing() -> None:
     data = random_ulaw(3, 480)
     assert chunked(InboundTranscoder(), data, [0, 160, 0, 0, 160]) == up(data)
