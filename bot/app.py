@@ -6,6 +6,8 @@ Routes are listed first; each handler is short and hands real work to its module
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import secrets
 import sys
@@ -23,16 +25,22 @@ from starlette.applications import Starlette
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
 from bot import __version__
+from bot.bridge import BridgeDeps, serve_media_stream
+from bot.catalog import Catalog
+from bot.delivery import Outbox, running_delivery
 from bot.ephemeral import OpenAIRefused, OpenAIUnreachable, mint_client_secret
 from bot.logs import CallLog, configure_logging, mask_phone
 from bot.ratelimit import SlidingWindowLimiter
 from bot.settings import Settings, SettingsError, load_settings
 from bot.stream_token import mint_stream_token
-from bot.twiml import render_fallback_twiml, render_stream_twiml
+from bot.tools import StoreTools
+from bot.twilio_rest import TwilioRest
+from bot.twiml import render_fallback_twiml, render_stream_twiml, render_transfer_twiml
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         Route("/twiml/voice", voice_webhook, methods=["POST"]),
         Route("/session", browser_session, methods=["GET", "OPTIONS"]),
         Route("/healthz", healthz, methods=["GET"]),
+        WebSocketRoute("/media-stream", media_stream),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.runtime = Runtime(settings=settings, clock=clock)
@@ -54,20 +63,30 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
 @dataclass
 class Runtime:
-    """Everything the handlers share, built once per app."""
+    """Everything the handlers share, built once per app (the I/O parts in the lifespan)."""
 
     settings: Settings
     clock: Callable[[], float]
     stream_key: bytes = b""
     session_limiter: SlidingWindowLimiter = field(init=False)
     http: httpx.AsyncClient | None = None
-    degraded: dict[str, str] = field(default_factory=dict)
+    bridge: BridgeDeps | None = None
+    outbox: Outbox | None = None
 
     def __post_init__(self) -> None:
         self.stream_key = stream_signing_key(self.settings)
         self.session_limiter = SlidingWindowLimiter(
             self.settings.session_rate_limit_per_minute, 60.0, clock=self.clock
         )
+
+    def degraded(self) -> dict[str, str]:
+        """Why the bot is not fully working right now, for /healthz."""
+        reasons: dict[str, str] = {}
+        if self.outbox is not None and self.outbox.write_error:
+            reasons["outbox"] = self.outbox.write_error
+        if self.bridge is not None and self.bridge.stats.last_realtime_refusal:
+            reasons["realtime"] = self.bridge.stats.last_realtime_refusal
+        return reasons
 
 
 def stream_signing_key(settings: Settings) -> bytes:
@@ -81,13 +100,47 @@ def stream_signing_key(settings: Settings) -> bytes:
 
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    """Open the catalog (fail fast), the HTTP client, the outbox and its relay, the call bridge."""
     runtime: Runtime = app.state.runtime
-    for feature, reason in runtime.settings.disabled_features().items():
+    settings = runtime.settings
+    for feature, reason in settings.disabled_features().items():
         log.warning("feature disabled: %s", reason, extra={"feature": feature})
+    catalog = await asyncio.to_thread(Catalog.load, settings.catalog_path)
+    log.info("catalog loaded", extra={"products": len(catalog), "issues": len(catalog.issues)})
     async with httpx.AsyncClient(follow_redirects=False) as http:
-        runtime.http = http
-        yield
-        runtime.http = None
+        twilio = TwilioRest.from_settings(settings, http)
+        async with running_delivery(settings, http, twilio=twilio) as outbox:
+            tools = StoreTools(
+                catalog,
+                outbox,
+                sms_enabled=settings.sms_enabled,
+                transfer_enabled=settings.features()["transfer"],
+            )
+            runtime.http, runtime.outbox = http, outbox
+            runtime.bridge = BridgeDeps(
+                settings=settings,
+                stream_key=runtime.stream_key,
+                toolbox=tools,
+                twilio=twilio,
+                outbox=outbox,
+                fallback_twiml=render_fallback_twiml(settings),
+                transfer_twiml=render_transfer_twiml(settings),
+                wall_clock=runtime.clock,
+            )
+            watcher = asyncio.create_task(catalog.watch(), name="catalog-watch")
+            try:
+                yield
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+                runtime.http = runtime.outbox = runtime.bridge = None
+
+
+async def media_stream(websocket: WebSocket) -> None:
+    runtime: Runtime = websocket.app.state.runtime
+    assert runtime.bridge is not None, "the app's lifespan builds the bridge"
+    await serve_media_stream(websocket, runtime.bridge)
 
 
 # --- POST /twiml/voice -----------------------------------------------------------------
@@ -238,13 +291,17 @@ def cors_headers(origin: str | None) -> dict[str, str]:
 
 async def healthz(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
+    degraded = runtime.degraded()
     body: dict[str, Any] = {
-        "status": "degraded" if runtime.degraded else "ok",
+        "status": "degraded" if degraded else "ok",
         "version": __version__,
         "features": runtime.settings.features(),
     }
-    if runtime.degraded:
-        body["degraded"] = runtime.degraded
+    if degraded:
+        body["degraded"] = degraded
+    if runtime.bridge is not None:
+        stats = runtime.bridge.stats
+        body["calls"] = {"active": len(runtime.bridge.active_calls), "started": stats.calls_started}
     return JSONResponse(body)
 
 

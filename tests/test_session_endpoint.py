@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -27,6 +29,11 @@ async def openai_sim() -> AsyncIterator[RealtimeSimulator]:
     await sim.stop()
 
 
+def plain_settings(**env: str) -> Settings:
+    database = str(Path(tempfile.mkdtemp()) / "outbox.sqlite3")
+    return load_settings({"DATABASE_PATH": database, **env}, dotenv=None)
+
+
 def make_settings(sim: RealtimeSimulator, **overrides: str) -> Settings:
     env = {
         "OPENAI_API_KEY": SIM_KEY,
@@ -34,8 +41,7 @@ def make_settings(sim: RealtimeSimulator, **overrides: str) -> Settings:
         "CORS_ORIGINS": ALLOWED,
         "SESSION_RATE_LIMIT_PER_MINUTE": "3",
     }
-    env.update(overrides)
-    return load_settings(env, dotenv=None)
+    return plain_settings(**{**env, **overrides})
 
 
 async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
@@ -73,16 +79,13 @@ async def test_an_openai_refusal_becomes_502_with_openais_reason(openai_sim: Rea
 
 
 async def test_an_unreachable_openai_becomes_504() -> None:
-    settings = load_settings(
-        {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": "http://127.0.0.1:9"}, dotenv=None
-    )
-    async for client in app_client(settings):
+    async for client in app_client(plain_settings(OPENAI_API_KEY="sk-x", OPENAI_BASE_URL="http://127.0.0.1:9")):
         response = await client.get("/session")
     assert response.status_code == 504
 
 
 async def test_without_a_key_the_endpoint_says_so_with_503() -> None:
-    async for client in app_client(load_settings({}, dotenv=None)):
+    async for client in app_client(plain_settings()):
         response = await client.get("/session")
     assert response.status_code == 503
     assert "OPENAI_API_KEY" in response.json()["error"]

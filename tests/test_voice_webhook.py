@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -38,6 +40,7 @@ def make_settings(**overrides: str) -> Settings:
         "PUBLIC_URL": "https://bot.example.com",
         "STREAM_SIGNING_KEY": "stream-key",
     }
+    env["DATABASE_PATH"] = str(Path(tempfile.mkdtemp()) / "outbox.sqlite3")
     env.update(overrides)
     return load_settings(env, dotenv=None)
 
