@@ -147,8 +147,13 @@ class TranscriptEntry:
     call_id: str | None = None
     arguments: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {"role": self.role, "text": self.text, "at_ms": self.at_ms}
+    def as_dict(self, call_started_ms: int) -> dict[str, Any]:
+        """`at_ms` counts from the start of the call, so the record reads on its own."""
+        entry: dict[str, Any] = {
+            "role": self.role,
+            "text": self.text,
+            "at_ms": self.at_ms - call_started_ms,
+        }
         if self.interrupted:
             entry["interrupted"] = True
         if self.role == "tool":
@@ -844,7 +849,9 @@ class Call:
             "call_sid": self.call_sid,
             "duration_s": round((now_ms - self.started_ms) / 1000, 3),
             "outcome": self.outcome or "caller_hung_up",
-            "transcript": [e.as_dict() for e in sorted(self.transcript, key=lambda e: e.at_ms)],
+            "transcript": [
+                e.as_dict(self.started_ms) for e in sorted(self.transcript, key=lambda e: e.at_ms)
+            ],
             "responses": [stats.as_dict() for stats in self.responses],
             "usage": totals,
             "interruptions": self.interruptions,

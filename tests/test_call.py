@@ -683,6 +683,21 @@ def test_transcript_keeps_user_and_assistant_turns_in_time_order() -> None:
     ]
 
 
+def test_transcript_times_count_from_the_start_of_the_call() -> None:
+    call = Call(call_sid=CALL_SID, stream_sid=SID, now_ms=90_000, audio_format="pcmu")
+    call.on_realtime(speech_started("item_u1"), 91_000)
+    call.on_realtime(
+        {
+            "type": "conversation.item.input_audio_transcription.completed",
+            "item_id": "item_u1",
+            "content_index": 0,
+            "transcript": "Hi, washers?",
+        },
+        92_000,
+    )
+    assert call.record(93_000)["transcript"] == [{"role": "user", "text": "Hi, washers?", "at_ms": 1_000}]
+
+
 def test_an_interrupted_answer_is_kept_only_as_far_as_it_was_heard() -> None:
     call = new_call()
     names = marks(speak(call, "item_a", "resp_a", 200))
