@@ -55,7 +55,7 @@ from bot import __version__
 from bot.logs import CallLog, mask_phone
 from bot.products import Product, ProductsCollection
 from bot.settings import Settings, SettingsError, load_settings
-from bot.tools import OutboxUnavailable, can_receive_sms
+from bot.tools import OutboxUnavailable, SmsOutcome, can_receive_sms
 from bot.twilio_rest import (
     TwilioAmbiguousError,
     TwilioPermanentError,
@@ -338,6 +338,7 @@ class Outbox:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._listeners: list[Callable[[], None]] = []
+        self._sms_waiters: dict[str, list[asyncio.Future[SmsOutcome]]] = {}
         self.write_error: str | None = None
 
     async def open(self) -> Outbox:
@@ -425,6 +426,32 @@ class Outbox:
     ) -> None:
         """Record the SMS outcome and, in the same transaction, release its webhook with that status."""
         await self._run(self._settle_sms, row, state, now, sids, error_code, last_error)
+        outcome = SmsOutcome(state, error_code, last_error)
+        for waiter in self._sms_waiters.pop(row.message_id, []):
+            if not waiter.done():
+                waiter.set_result(outcome)
+
+    async def sms_outcome(self, message_id: str, timeout_s: float) -> SmsOutcome | None:
+        """The SMS's first settled outcome (sent, failed, dead), or None if it takes longer.
+
+        Lets a tool tell the caller the truth ("I couldn't text that number") while they are
+        still on the line, without holding the call for a slow Twilio.
+        """
+        waiter: asyncio.Future[SmsOutcome] = asyncio.get_running_loop().create_future()
+        self._sms_waiters.setdefault(message_id, []).append(waiter)
+        try:
+            row = await self.get(message_id, "sms")
+            if row is not None and row.state in SETTLED_STATES:
+                return SmsOutcome(row.state, row.error_code, row.last_error)
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+        except TimeoutError:
+            return None
+        finally:
+            waiters = self._sms_waiters.get(message_id, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._sms_waiters.pop(message_id, None)
 
     # -- below: runs on the SQLite thread
 

@@ -130,6 +130,15 @@ SPOKEN_PRODUCTS_MAX = 3
 BRANDS_LISTED_MAX = 8
 NOTE_MAX_CHARS = 300
 DETAILS_TEXT = "Here are the details of the products we talked about."
+# Twilio answers a send in well under a second; past this the tool says "on its way".
+SMS_CONFIRM_WAIT_S = 2.0
+SMS_REFUSAL_REASONS = {
+    21211: "the number is not a valid mobile number",
+    21408: "texts to that country are not enabled",
+    21610: "the number has opted out of texts from the store",
+    21612: "the number cannot receive texts from the store",
+    21614: "the number is a landline",
+}
 # Twilio's stand-ins for a withheld caller ID (anonymous, restricted, blocked, unknown, unavailable).
 WITHHELD_NUMBERS = frozenset(
     {"+266696687", "+7378742833", "+2562533", "+8656696", "+86282452253"}
@@ -145,6 +154,15 @@ class OutboxUnavailable(Exception):
     """
 
 
+@dataclass(frozen=True, slots=True)
+class SmsOutcome:
+    """How an SMS ended: `state` sent, failed or dead, with Twilio's code and reason on failure."""
+
+    state: str
+    error_code: int | None
+    reason: str | None
+
+
 class DetailsOutbox(Protocol):
     """Where send_product_details leaves a ProductsCollection for the SMS and webhook relay."""
 
@@ -152,6 +170,10 @@ class DetailsOutbox(Protocol):
         self, *, call_sid: str, caller: str, collection: ProductsCollection
     ) -> str:
         """Store the message durably and return its id; raise OutboxUnavailable if it cannot."""
+        ...
+
+    async def sms_outcome(self, message_id: str, timeout_s: float) -> SmsOutcome | None:
+        """The SMS's settled outcome, or None if it is not settled within `timeout_s`."""
         ...
 
 
@@ -377,8 +399,21 @@ class StoreTools:
                 "The store's team has the details" + self._fallback_offer()
             )
         else:
-            sms, message = "queued", "Tell the caller the details are on their way by text."
+            sms, message = await self._confirm_sms(message_id)
         return ToolResult(_output(sent=True, sms=sms, message=message))
+
+    async def _confirm_sms(self, message_id: str) -> tuple[str, str]:
+        """Waits briefly for Twilio's answer, so the bot never promises a text that was refused."""
+        outcome = await self._outbox.sms_outcome(message_id, SMS_CONFIRM_WAIT_S)
+        if outcome is None:
+            return "queued", "Tell the caller the details are on their way by text."
+        if outcome.state == "sent":
+            return "sent", "Tell the caller the text with the details has been sent."
+        reason = SMS_REFUSAL_REASONS.get(outcome.error_code or 0, "the text could not be delivered")
+        return "failed", (
+            f"The text could not be sent: {reason}. Tell the caller you couldn't text that number. "
+            "The store's team has the details" + self._fallback_offer()
+        )
 
     def _fallback_offer(self) -> str:
         if self._transfer_enabled:

@@ -315,6 +315,27 @@ async def test_a_refusal_is_recorded_not_retried_and_the_webhook_still_reports_i
     assert sms["status"] == "failed" and sms["error"]["code"] == code
 
 
+async def test_a_tool_waiting_on_the_sms_learns_that_twilio_refused_the_number(rig: Rig) -> None:
+    rig.sim.unsubscribed.add(CALLER)
+    message_id = await rig.add()
+    waiting = asyncio.create_task(rig.outbox.sms_outcome(message_id, timeout_s=5))
+    await drain(rig.worker(), rig.clock)
+    outcome = await waiting
+    assert outcome is not None and (outcome.state, outcome.error_code) == ("failed", 21610)
+
+
+async def test_a_tool_asking_after_the_sms_went_out_gets_the_outcome_at_once(rig: Rig) -> None:
+    message_id = await rig.add()
+    await drain(rig.worker(), rig.clock)
+    outcome = await rig.outbox.sms_outcome(message_id, timeout_s=0.01)
+    assert outcome is not None and outcome.state == "sent"
+
+
+async def test_a_tool_waiting_on_an_unsent_sms_gives_up_after_its_timeout(rig: Rig) -> None:
+    message_id = await rig.add()
+    assert await rig.outbox.sms_outcome(message_id, timeout_s=0.05) is None
+
+
 async def test_a_caller_without_a_textable_number_is_recorded_without_asking_twilio(rig: Rig) -> None:
     await rig.add(caller="client:alice")
     await drain(rig.worker(), rig.clock)

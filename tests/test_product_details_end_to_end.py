@@ -124,3 +124,34 @@ async def test_the_end_of_call_record_reaches_the_call_center_with_the_transcrip
     roles = [turn["role"] for turn in record["transcript"]]
     assert roles.count("user") == 2 and "assistant" in roles
     assert CALLER not in delivery.body.decode()
+
+
+async def test_a_caller_who_opted_out_of_texts_hears_so_and_the_call_center_still_gets_the_details() -> None:
+    scenario = Scenario(
+        greeting="Hi, how can I help?",
+        turns=[
+            Turn(
+                hears="Text me the washer.",
+                tool_calls=[ToolCall("send_product_details", {"skus": SKUS[:1]})],
+                say="{message}",
+                audio_ms=REPLY_MS,
+            )
+        ],
+    )
+    async with SimStack(scenario) as stack:
+        stack.twilio_api.unsubscribed.add(CALLER)
+        async with stack.dial(CALLER, pace=False) as call:
+            await take_turn(call, None)
+            await take_turn(call, "caller_text_me.wav")
+        await stack.receiver.wait_until(
+            lambda: any(d.event["type"] == "products.sent" for d in stack.receiver.acknowledged()),
+            timeout_s=15,
+        )
+    tool_output = json.loads(stack.realtime.sessions[0].tool_outputs[0][1])
+    assert tool_output["sms"] == "failed"
+    spoken = [text for role, text in stack.realtime.sessions[0].transcript if role == "assistant"]
+    assert any("couldn't text that number" in text for text in spoken)
+    assert stack.twilio_api.messages_to(CALLER) == []
+    [delivery] = [d for d in stack.receiver.acknowledged() if d.event["type"] == "products.sent"]
+    sms = Webhook(stack.webhook_secret).verify(delivery.body, delivery.headers)["data"]["sms"]
+    assert sms["status"] == "failed" and sms["error"]["code"] == 21610

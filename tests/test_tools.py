@@ -12,7 +12,14 @@ import pytest
 from bot.catalog import Catalog
 from bot.products import ProductsCollection
 from bot.settings import SAMPLE_CATALOG_PATH
-from bot.tools import TOOL_DEFINITIONS, CallContext, OutboxUnavailable, StoreTools, ToolResult
+from bot.tools import (
+    TOOL_DEFINITIONS,
+    CallContext,
+    OutboxUnavailable,
+    SmsOutcome,
+    StoreTools,
+    ToolResult,
+)
 
 CALL = CallContext(
     call_sid="CA0123456789abcdef0123456789abcdef", caller="+15551234567", called="+15557654321"
@@ -29,6 +36,7 @@ class RecordingOutbox:
     """A DetailsOutbox that keeps what it was given, or fails the way it is told to."""
 
     failure: Exception | None = None
+    sms: SmsOutcome | None = None
     messages: list[tuple[str, str, ProductsCollection]] = field(default_factory=list)
 
     async def add_product_details(self, *, call_sid: str, caller: str, collection: ProductsCollection) -> str:
@@ -36,6 +44,10 @@ class RecordingOutbox:
             raise self.failure
         self.messages.append((call_sid, caller, collection))
         return f"msg-{len(self.messages)}"
+
+    async def sms_outcome(self, message_id: str, timeout_s: float) -> SmsOutcome | None:
+        """Twilio's answer as the test sets it; None plays a Twilio slower than `timeout_s`."""
+        return self.sms
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +187,23 @@ async def test_bad_search_arguments_return_an_error_not_an_exception(
     output = await call(make_tools(catalog), "search_products", arguments)
     assert reason in output["error"]
     assert output["_action"] is None
+
+
+@pytest.mark.anyio
+async def test_send_details_says_the_text_went_out_once_twilio_accepted_it(catalog: Catalog) -> None:
+    outbox = RecordingOutbox(sms=SmsOutcome("sent", None, None))
+    output = await call(make_tools(catalog, outbox), "send_product_details", {"skus": ["WM-2024-X500"]})
+    assert output["sent"] is True and output["sms"] == "sent"
+
+
+@pytest.mark.anyio
+async def test_send_details_tells_the_model_when_twilio_refused_the_callers_number(catalog: Catalog) -> None:
+    outbox = RecordingOutbox(sms=SmsOutcome("failed", 21610, "Attempt to send to unsubscribed recipient"))
+    output = await call(make_tools(catalog, outbox), "send_product_details", {"skus": ["WM-2024-X500"]})
+    assert output["sms"] == "failed"
+    assert "opted out" in output["message"]
+    assert "couldn't text that number" in output["message"]
+    assert_speakable(output["message"])
 
 
 @pytest.mark.anyio
