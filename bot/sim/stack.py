@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bot.app import create_app
+from bot.app import Runtime, create_app
 from bot.settings import Settings, load_settings
 from bot.sim.phone import Dialing, PhoneCall, dial
 from bot.sim.realtime import RealtimeSimulator, Scenario
@@ -54,12 +54,19 @@ class SimStack:
         self._env = env or {}
         self._workdir = tempfile.TemporaryDirectory(prefix="voicebot-sim-")
         self._server: LocalServer | None = None
+        self._runtime: Runtime | None = None
         self.settings: Settings | None = None
 
     @property
     def app_url(self) -> str:
         assert self._server is not None, "start the stack first"
         return self._server.base_url
+
+    @property
+    def runtime(self) -> Runtime:
+        """The app's shared state (bridge stats, active calls), read-only for tests."""
+        assert self._runtime is not None, "start the stack first"
+        return self._runtime
 
     async def start(self) -> None:
         await self.realtime.start()
@@ -80,7 +87,9 @@ class SimStack:
             **self._env,
         }
         self.settings = load_settings(env, dotenv=None)
-        self._server = LocalServer(create_app(self.settings))
+        app = create_app(self.settings)
+        self._runtime = app.state.runtime
+        self._server = LocalServer(app)
         await self._server.start()
 
     async def stop(self) -> None:
