@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 5.0
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_NORMAL = 1000
+CLOSE_TIMEOUT_S = 2.0
 JUNK_LIMIT_PER_S = 25
 UPLINK_MAX_AUDIO_MS = 2000
 # Media and mark messages, about 10 s of paced audio: more means Twilio stopped reading.
@@ -109,6 +110,7 @@ class BridgeDeps:
     stats: BridgeStats = field(default_factory=BridgeStats)
     wall_clock: Callable[[], float] = time.time
     start_timeout_s: float = START_TIMEOUT_S
+    downlink_max_messages: int = DOWNLINK_MAX_MESSAGES
     control_grace_s: float = CONTROL_GRACE_S
 
 
@@ -389,7 +391,7 @@ class CallBridge:
                 return
 
     def _to_twilio(self, text: str) -> None:
-        if len(self._down) >= DOWNLINK_MAX_MESSAGES:
+        if len(self._down) >= self.deps.downlink_max_messages:
             if not self._done.is_set():
                 self.log.warning("Twilio stopped reading: closing the stream")
                 self._finish("twilio_stuck")
@@ -699,5 +701,8 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
         return
     if websocket.client_state == WebSocketState.DISCONNECTED:
         return
-    with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
-        await websocket.close(code, reason)
+    # A peer that stopped reading never takes the close frame: give up on it rather than
+    # leave the call (its record, its slot in active_calls) hanging forever.
+    with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect, TimeoutError):
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            await websocket.close(code, reason)

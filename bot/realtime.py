@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -76,6 +77,11 @@ REALTIME_CONNECT_ATTEMPTS = 3
 REALTIME_RETRY_BASE_S = 0.25
 REALTIME_RETRY_MAX_S = 2.0
 REFUSAL_BODY_CHARS = 300
+# About one second of appended audio (base64 in JSON). Linux doubles what is asked and would
+# otherwise auto-tune to megabytes: a stalled Realtime server would then soak up a minute of
+# caller audio in the kernel, stale by the time it is read, before the bridge's own bounded
+# queue (which drops the oldest) ever filled.
+REALTIME_SEND_BUFFER_BYTES = {"pcm16": 32 * 1024, "pcmu": 8 * 1024}
 
 
 class RealtimeError(Exception):
@@ -123,6 +129,7 @@ class RealtimeClient:
             raise RealtimeRefused(status, detail) from None
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise RealtimeUnavailable(f"{type(exc).__name__}: {exc}") from None
+        _limit_kernel_send_buffer(ws, settings)
         client = cls(ws)
         try:
             await client.send(json.dumps(session_update_event(settings)))
@@ -181,3 +188,10 @@ async def connect_realtime(
             last = exc
     assert last is not None
     raise last
+
+
+def _limit_kernel_send_buffer(ws: ClientConnection, settings: Settings) -> None:
+    sock = ws.transport.get_extra_info("socket")
+    if sock is not None:
+        size = REALTIME_SEND_BUFFER_BYTES[settings.audio_format]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)

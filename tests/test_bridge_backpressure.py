@@ -14,7 +14,6 @@ import time
 
 import pytest
 
-from bot import bridge
 from bot.settings import PACKAGE_DIR
 from bot.sim.phone import FRAME_BYTES, PhoneCall
 from bot.sim.realtime import Scenario, Turn
@@ -30,6 +29,7 @@ LONG_GREETING = "Hello, thanks for calling the store. How can I help you today w
 BURST_FRAMES = 6000
 LOUD_ULAW = b"\x10"
 STALL_S = 2.0
+STALE_FRAMES_MAX = 400
 LOOP_PROBE_S = 0.01
 LOOP_LAG_P99_MAX_S = 0.05
 # Row 14: a short down-link bound and small socket buffers, so a stuck phone backs up in seconds.
@@ -92,22 +92,19 @@ async def test_a_stalled_realtime_drops_and_counts_old_caller_audio_while_both_c
                     break
                 await asyncio.sleep(0.1)
         assert flooding.connected, "every frame sent was delivered or counted as dropped, call still up"
+        # Stale audio that still reached the model: the bridge's 2 s queue plus about a second in
+        # the socket buffers (the Realtime socket's kernel buffer is pinned small), plus what the
+        # slowed server read meanwhile. Kernel auto-tuning alone used to hold over 30 s of it.
+        assert delivered <= STALE_FRAMES_MAX
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/bridge.py run() -> _close(): websocket.close() waits for uvicorn's `writable`, "
-    "which never comes back while the phone does not read, so the call never ends",
-)
-async def test_a_phone_that_stops_reading_is_closed_by_the_app_with_the_down_link_bounded(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(bridge, "DOWNLINK_MAX_MESSAGES", TEST_DOWNLINK_MAX_MESSAGES)
+async def test_a_phone_that_stops_reading_is_closed_by_the_app_with_the_down_link_bounded() -> None:
     scenario = Scenario(greeting="Hi.", turns=[Turn(say="A very long answer.", audio_ms=LONG_REPLY_MS)])
     async with SimStack(scenario) as stack:
         stack.realtime.audio_speed = 50.0
         deps = stack.runtime.bridge
         assert deps is not None
+        deps.downlink_max_messages = TEST_DOWNLINK_MAX_MESSAGES
         listener = stack._server._sock if stack._server is not None else None
         assert listener is not None
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, APP_SNDBUF_BYTES)
