@@ -31,7 +31,7 @@ from twilio.request_validator import RequestValidator, get_signature_algorithm
 
 from bot import __version__
 from bot.bridge import BridgeDeps, serve_media_stream
-from bot.catalog import Catalog
+from bot.catalog import Catalog, CatalogError
 from bot.delivery import Outbox, running_delivery
 from bot.ephemeral import OpenAIRefused, OpenAIUnreachable, mint_client_secret
 from bot.logs import CallLog, configure_logging, mask_phone
@@ -49,7 +49,10 @@ MAX_WEBHOOK_BODY_BYTES = 64 * 1024
 TWIML_MEDIA_TYPE = "text/xml"
 
 
-def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> Starlette:
+def create_app(
+    settings: Settings, *, clock: Callable[[], float] = time.time, catalog: Catalog | None = None
+) -> Starlette:
+    """`catalog`: one already loaded (and so checked) by the caller; else the lifespan loads it."""
     routes = [
         Route("/twiml/voice", voice_webhook, methods=["POST"]),
         Route("/session", browser_session, methods=["GET", "OPTIONS"]),
@@ -57,7 +60,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         WebSocketRoute("/media-stream", media_stream),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.runtime = Runtime(settings=settings, clock=clock)
+    app.state.runtime = Runtime(settings=settings, clock=clock, catalog=catalog)
     return app
 
 
@@ -69,6 +72,7 @@ class Runtime:
     clock: Callable[[], float]
     stream_key: bytes = b""
     session_limiter: SlidingWindowLimiter = field(init=False)
+    catalog: Catalog | None = None
     http: httpx.AsyncClient | None = None
     bridge: BridgeDeps | None = None
     outbox: Outbox | None = None
@@ -105,7 +109,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings = runtime.settings
     for feature, reason in settings.disabled_features().items():
         log.warning("feature disabled: %s", reason, extra={"feature": feature})
-    catalog = await asyncio.to_thread(Catalog.load, settings.catalog_path)
+    catalog = runtime.catalog
+    if catalog is None:
+        catalog = await asyncio.to_thread(Catalog.load, settings.catalog_path)
     log.info("catalog loaded", extra={"products": len(catalog), "issues": len(catalog.issues)})
     async with httpx.AsyncClient(follow_redirects=False) as http:
         twilio = TwilioRest.from_settings(settings, http)
@@ -319,8 +325,13 @@ def main(argv: list[str]) -> int:
         print(exc, file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    try:
+        catalog = Catalog.load(settings.catalog_path)
+    except CatalogError as exc:
+        print(f"CATALOG_PATH: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, catalog=catalog),
         host=args.host or settings.host,
         port=args.port or settings.port,
         ws_max_size=WS_MAX_MESSAGE_BYTES,

@@ -88,3 +88,12 @@ def test_serve_answers_health_checks_on_the_port_it_is_given(tmp_path: Path) -> 
     assert server.returncode in (0, -signal.SIGTERM), stderr
     assert "Traceback" not in stderr
     assert "OPENAI_API_KEY is not set" in stderr
+
+
+def test_serve_refuses_an_unreadable_catalog_naming_the_file_and_the_error(tmp_path: Path) -> None:
+    broken = tmp_path / "catalog.json"
+    broken.write_text('[{"sku": "WM-1"')
+    result = run_bot("serve", env={"CATALOG_PATH": str(broken)})
+    assert result.returncode == 2
+    assert str(broken) in result.stderr and "not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
