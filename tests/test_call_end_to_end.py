@@ -11,18 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bot.app import create_app
 from bot.audio import OutboundTranscoder, ulaw_to_pcm16
-from bot.settings import PACKAGE_DIR, load_settings
-from bot.sim.phone import dial
-from bot.sim.realtime import DEFAULT_SPEECH_WAV, RealtimeSimulator, Scenario, ToolCall, Turn
-from bot.sim.server import LocalServer
-from bot.sim.twilio_api import TwilioApiSimulator
+from bot.settings import PACKAGE_DIR
+from bot.sim.realtime import DEFAULT_SPEECH_WAV, Scenario, ToolCall, Turn
+from bot.sim.stack import SimStack
 from bot.wav import read_wav
 
 pytestmark = pytest.mark.anyio
 
-API_KEY = "sk-test-end-to-end"
 WASHERS = read_wav(PACKAGE_DIR / "sim" / "audio" / "caller_washers.wav").data
 SCENARIO = Scenario(
     greeting="Hello, thanks for calling the store. What are you looking for?",
@@ -59,47 +55,26 @@ def bot_voice_at_8khz() -> np.ndarray:
 
 @pytest.mark.parametrize("audio_format", ["pcm16", "pcmu"])
 async def test_a_scripted_call_from_greeting_to_hang_up(tmp_path: Path, audio_format: str) -> None:
-    async with (
-        RealtimeSimulator(SCENARIO, api_key=API_KEY) as realtime,
-        TwilioApiSimulator() as twilio_api,
-    ):
-        settings = load_settings(
-            {
-                "OPENAI_API_KEY": API_KEY,
-                "OPENAI_REALTIME_URL": realtime.url,
-                "TWILIO_ACCOUNT_SID": twilio_api.account_sid,
-                "TWILIO_AUTH_TOKEN": twilio_api.auth_token,
-                "TWILIO_API_BASE": twilio_api.base_url,
-                "DATABASE_PATH": str(tmp_path / "bot.sqlite3"),
-                "AUDIO_FORMAT": audio_format,
-                "LOG_FORMAT": "text",
-            },
-            dotenv=None,
-        )
-        app = create_app(settings)
-        async with LocalServer(app, log_level="warning") as server:
-            call = await dial(
-                server.base_url,
-                account_sid=twilio_api.account_sid,
-                auth_token=twilio_api.auth_token,
-                pace=False,
-            )
-            await call.wait_for_audio(5.0, min_ms=1000)
-            await call.wait_until_quiet(500, 10.0)
-            greeting_ms = call.heard_ms()
-            await call.say(WASHERS)
-            await call.wait_for_audio(10.0, min_ms=1000)
-            await call.wait_until_quiet(500, 15.0)
-            answer_ms = call.heard_ms() - greeting_ms
-            await call.hang_up()
-            bridge = app.state.runtime.bridge
-            for _ in range(100):
-                if bridge.stats.calls_ended == 1:
-                    break
-                await asyncio.sleep(0.02)
-            active_after, ended = len(bridge.active_calls), bridge.stats.calls_ended
-            call.write_heard_wav(tmp_path / "heard.wav")
-        session = realtime.sessions[0]
+    async with SimStack(SCENARIO, env={"AUDIO_FORMAT": audio_format}) as stack:
+        call = await stack.dial(pace=False)
+        await call.wait_for_audio(5.0, min_ms=1000)
+        await call.wait_until_quiet(500, 10.0)
+        greeting_ms = call.heard_ms()
+        await call.say(WASHERS)
+        await call.wait_for_audio(10.0, min_ms=1000)
+        await call.wait_until_quiet(500, 15.0)
+        answer_ms = call.heard_ms() - greeting_ms
+        await call.hang_up()
+        bridge = stack.runtime.bridge
+        assert bridge is not None
+        for _ in range(100):
+            if bridge.stats.calls_ended == 1:
+                break
+            await asyncio.sleep(0.02)
+        active_after, ended = len(bridge.active_calls), bridge.stats.calls_ended
+        realtime_open_after = stack.realtime.open_connections
+        call.write_heard_wav(tmp_path / "heard.wav")
+        session = stack.realtime.sessions[0]
 
     assert greeting_ms > 1000
     assert session.input_audio_ms >= len(WASHERS) // 8 - 100
@@ -109,7 +84,7 @@ async def test_a_scripted_call_from_greeting_to_hang_up(tmp_path: Path, audio_fo
     assert "washer" in json.dumps(products).lower()
     assert answer_ms > 1000
     assert (active_after, ended) == (0, 1)
-    assert realtime.open_connections == 0
+    assert realtime_open_after == 0
     heard = read_wav(tmp_path / "heard.wav")
     assert (heard.rate_hz, heard.encoding) == (8000, "mulaw")
     samples = as_float(ulaw_to_pcm16(heard.data))
