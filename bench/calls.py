@@ -53,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,11 +86,17 @@ MODEL_BYTES_PER_MS = {"pcm16": 48, "pcmu": 8}
 PAUSE_MS = 400
 QUIET_MS = 600
 REPLY_TIMEOUT_S = 20.0
-RAMP_PER_CALL_S = 0.02
+FRAME_S = 0.02
+# Calls start this far apart: 0.618 of a frame (the golden ratio) spreads their 20 ms frame
+# clocks evenly over the frame period, as independent real calls are; a whole frame would line
+# every call's frames up into one burst per 20 ms.
+RAMP_PER_CALL_S = FRAME_S * (math.sqrt(5) - 1) / 2
 SETTLE_S = 2.0
 SOCKET_GRACE_S = 2.0
 POLL_S = 0.05
 BACKGROUND_SAMPLE_S = 1.0
+# A process using this share of its core (or whose loop lags a frame) is at its limit.
+SATURATED_SHARE = 0.85
 APP_START_TIMEOUT_S = 30.0
 APP_STOP_TIMEOUT_S = 15.0
 LAG_PROBE_S = 0.05
@@ -561,6 +567,7 @@ class RunResult:
     sockets_left: int = 0
     app_active_after: int | None = None
     unmatched_calls: int = 0
+    loose_errors: Counter[str] = field(default_factory=Counter)
 
     @property
     def functional_failure(self) -> bool:
@@ -604,6 +611,24 @@ def gc_paused() -> Iterator[None]:
         gc.collect()
 
 
+@contextlib.contextmanager
+def loose_errors_counted(into: Counter[str]) -> Iterator[None]:
+    """Counts errors nobody awaited (a simulator task ended by a socket the app closed) instead
+    of printing a traceback for each: under overload there are hundreds."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def count(_: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exception = context.get("exception")
+        into[type(exception).__name__ if exception else context.get("message", "?")] += 1
+
+    loop.set_exception_handler(count)
+    try:
+        yield
+    finally:
+        loop.set_exception_handler(previous)
+
+
 async def run_load(
     calls: int,
     mode: str,
@@ -638,7 +663,7 @@ async def run_load(
                 realtime.traces.clear()
                 result.background_busy = await core_busy(BACKGROUND_SAMPLE_S)
                 result.rss_idle_kb = app.rss_kb()
-                with gc_paused():
+                with gc_paused(), loose_errors_counted(result.loose_errors):
                     settle_s = 0.0 if smoke else SETTLE_S
                     traces, plan = await drive(
                         calls, seconds, settle_s, app, twilio, utterances, http, result
@@ -807,8 +832,8 @@ def fmt(value: float, digits: int = 2) -> str:
 
 
 LATENCY_HEADER = (
-    "| mode | calls | ok | up p50 | up p99 | up max | down first p50 | down first p99 "
-    "| down all p50 | down all p99 | samples up/first/all | reply p50 s |"
+    "| mode | calls | ok | up p50 | up p90 | up p99 | up max | down first p50 | down first p99 "
+    "| down all p50 | down all p90 | down all p99 | samples up/first/all | reply p50 s |"
 )
 COST_HEADER = (
     "| mode | calls | app CPU s/call-min | app % core | RSS/call KB | app lag p50/p99/max ms "
@@ -826,11 +851,13 @@ def latency_row(r: RunResult) -> str:
         str(r.calls),
         str(r.ok_calls),
         fmt(pct(up.latencies_ms, 50)),
+        fmt(pct(up.latencies_ms, 90)),
         fmt(pct(up.latencies_ms, 99)),
         fmt(max(up.latencies_ms, default=math.nan)),
         fmt(pct(down.first_ms, 50)),
         fmt(pct(down.first_ms, 99)),
         fmt(pct(down.all_ms, 50)),
+        fmt(pct(down.all_ms, 90)),
         fmt(pct(down.all_ms, 99)),
         samples,
         fmt(reply),
@@ -870,12 +897,41 @@ def print_table(title: str, header: str, rows: Sequence[str]) -> None:
         print(row)
 
 
+def saturation_notes(r: RunResult) -> list[str]:
+    """Which side limited the run, so a reader knows whose delay the latencies show."""
+    if not r.window_s:
+        return []
+    notes = []
+    bench_share = r.bench_cpu_s / r.window_s
+    bench_lag = pct(r.bench_lag_ms, 99)
+    if bench_share >= SATURATED_SHARE or bench_lag >= FRAME_S * 1000:
+        notes.append(
+            f"load generator near its limit ({bench_share * 100:.0f}% of its core, loop lag p99 "
+            f"{bench_lag:.0f} ms): latencies include its own delays"
+        )
+    app_share = r.app_cpu_s / r.window_s
+    app_lag = pct(r.app_lag_ms, 99)
+    if app_share >= SATURATED_SHARE or app_lag >= FRAME_S * 1000:
+        notes.append(
+            f"app near its limit ({app_share * 100:.0f}% of its core, loop lag p99 {app_lag:.0f} ms)"
+        )
+    if r.app_cpu_s > 0:
+        per_core = r.calls * r.window_s / r.app_cpu_s
+        notes.append(f"at this app cost one core holds about {per_core:.0f} calls")
+    return notes
+
+
 def print_report(results: Sequence[RunResult]) -> None:
     latency_rows = [latency_row(r) for r in results]
     print_table("Added latency, ms (window with all calls up)", LATENCY_HEADER, latency_rows)
     print_table("Cost and integrity", COST_HEADER, [cost_row(r) for r in results])
     for r in results:
         run = f"{r.mode} x{r.calls}"
+        for note in saturation_notes(r):
+            print(f"NOTE {run}: {note}")
+        if r.loose_errors:
+            errors = ", ".join(f"{count} {name}" for name, count in r.loose_errors.most_common())
+            print(f"NOTE {run}: unawaited errors in this process (simulator tasks): {errors}")
         for failure in r.failures[:10]:
             print(f"FAILED {run}: {failure}")
         if len(r.failures) > 10:
