@@ -1100,18 +1100,7 @@ class _Connection:
             "arguments": "",
         }
         ids = {"response_id": response.id, "item_id": item["id"], "output_index": index, "call_id": call_id}
-        previous = self.order[-1] if self.order else None
-        await self.send(
-            {
-                "type": "response.output_item.added",
-                "response_id": response.id,
-                "output_index": index,
-                "item": dict(item),
-            }
-        )
-        self.order.append(item["id"])
-        self.items[item["id"]] = item
-        await self.send({"type": "conversation.item.added", "item": dict(item), "previous_item_id": previous})
+        previous = await self._add_output_item(response, index, item)
         half = len(arguments) // 2
         for piece in (arguments[:half], arguments[half:]):
             await self.send({"type": "response.function_call_arguments.delta", **ids, "delta": piece})
@@ -1135,6 +1124,22 @@ class _Connection:
         )
         await self.send({"type": "conversation.item.done", "item": item, "previous_item_id": previous})
 
+    async def _add_output_item(self, response: _Response, index: int, item: Json) -> str | None:
+        """Announces a new output item to the response and the conversation; returns the item before it."""
+        previous = self.order[-1] if self.order else None
+        await self.send(
+            {
+                "type": "response.output_item.added",
+                "response_id": response.id,
+                "output_index": index,
+                "item": dict(item),
+            }
+        )
+        self.order.append(item["id"])
+        self.items[item["id"]] = item
+        await self.send({"type": "conversation.item.added", "item": dict(item), "previous_item_id": previous})
+        return previous
+
     async def _emit_message(self, response: _Response, plan: _Plan, modalities: list[str], fmt: Json) -> None:
         """Streams one assistant message; stops early (item `incomplete`) when cancelled."""
         audio = "audio" in modalities
@@ -1148,18 +1153,7 @@ class _Connection:
             "content": [],
         }
         ids = {"response_id": response.id, "item_id": item["id"], "output_index": index, "content_index": 0}
-        previous = self.order[-1] if self.order else None
-        await self.send(
-            {
-                "type": "response.output_item.added",
-                "response_id": response.id,
-                "output_index": index,
-                "item": dict(item),
-            }
-        )
-        self.order.append(item["id"])
-        self.items[item["id"]] = item
-        await self.send({"type": "conversation.item.added", "item": dict(item), "previous_item_id": previous})
+        previous = await self._add_output_item(response, index, item)
         part_type = "audio" if audio else "text"
         empty_part = {"type": part_type, "transcript": ""} if audio else {"type": "text", "text": ""}
         await self.send({"type": "response.content_part.added", **ids, "part": empty_part})
