@@ -1113,6 +1113,11 @@ class _Connection:
             }
         )
         item.update({"status": "completed", "arguments": arguments})
+        await self._finish_output_item(response, index, item, previous)
+
+    async def _finish_output_item(
+        self, response: _Response, index: int, item: Json, previous: str | None
+    ) -> None:
         response.output.append(item)
         await self.send(
             {
@@ -1198,16 +1203,7 @@ class _Connection:
             content = {"type": "output_text", "text": text}
         await self.send({"type": "response.content_part.done", **ids, "part": part})
         item.update({"status": "completed" if complete else "incomplete", "content": [content]})
-        response.output.append(item)
-        await self.send(
-            {
-                "type": "response.output_item.done",
-                "response_id": response.id,
-                "output_index": index,
-                "item": item,
-            }
-        )
-        await self.send({"type": "conversation.item.done", "item": item, "previous_item_id": previous})
+        await self._finish_output_item(response, index, item, previous)
         self.record.transcript.append(("assistant", text))
 
     async def _pace(self, response: _Response, chunk_ms: int) -> None:
