@@ -28,8 +28,8 @@ What is measured, and how (every timestamp is `time.monotonic()` in this process
   load generator saturates its core, the latencies include its own delays, and the table says so.
 - frames lost: frames sent vs appends received, minus those dropped by design (before the
   Realtime socket opened, in flight at hang-up); bot audio bytes the simulator sent vs the phones
-  received (in mu-law bytes; replies cut by a barge-in are left out); Realtime sockets still open
-  after every call hung up and a grace period.
+  received (in mu-law bytes; replies cut by a barge-in, or by a hang-up while they still played,
+  are left out); Realtime sockets still open after every call hung up and a grace period.
 
 Exit status: 1 on a functional failure (a call that failed, a frame or byte lost, a socket left
 open), never on timing.
@@ -97,6 +97,8 @@ POLL_S = 0.05
 BACKGROUND_SAMPLE_S = 1.0
 # A process using this share of its core (or whose loop lags a frame) is at its limit.
 SATURATED_SHARE = 0.85
+# Below this many calls the app's idle work (timers, probes) skews a per-call extrapolation.
+CAPACITY_MIN_CALLS = 10
 APP_START_TIMEOUT_S = 30.0
 APP_STOP_TIMEOUT_S = 15.0
 LAG_PROBE_S = 0.05
@@ -105,6 +107,9 @@ RSS_SAMPLE_S = 1.0
 CAUSALITY_SLACK_S = 0.001
 # Frames sent this close to the hang-up may still be in the bot's queue when `stop` ends the call.
 HANGUP_INFLIGHT_S = 0.1
+# A reply whose audio was still arriving this shortly before the hang-up was cut, not lost
+# (only an overloaded run hangs up mid-reply: the caller takes a late gap for the end of it).
+HANGUP_CUT_S = 3.0
 APPEND_PREFIX = '{"type":"input_audio_buffer.append"'
 DELTA_PREFIX = '{"type": "response.output_audio.delta"'
 SMOKE_CALLS = 3
@@ -437,6 +442,7 @@ class Downlink:
     received_bytes: int = 0
     cleared_items: int = 0
     lost_bytes: int = 0
+    cut_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -521,8 +527,10 @@ def analyse_downlink(
     out.cleared_items += view.clears
     sent_ms = {item: [ms for ms, _ in frames] for item, frames in view.frames_in.items()}
     sent_by_item: dict[str, int] = defaultdict(int)
+    last_sent: dict[str, float] = {}
     for delta in session.deltas:
         sent_by_item[delta.item_id] += delta.mulaw_bytes
+        last_sent[delta.item_id] = delta.t
         frames = view.frames_in.get(delta.item_id)
         if not frames or not window[0] <= delta.t <= window[1]:
             continue
@@ -537,6 +545,9 @@ def analyse_downlink(
         return  # a barge-in flushed audio on purpose: the byte count cannot balance
     for item_id, sent in sent_by_item.items():
         received = view.bytes_in.get(item_id, 0)
+        if received < sent and view.hangup_t < last_sent[item_id] + HANGUP_CUT_S:
+            out.cut_bytes += sent - received  # the caller hung up while it was still playing
+            continue
         out.sent_bytes += sent
         out.received_bytes += received
         out.lost_bytes += max(0, sent - received)
@@ -649,7 +660,7 @@ async def run_load(
     )
     twilio = TwilioApiSimulator()
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-    with tempfile.TemporaryDirectory(prefix="bench-calls-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-calls-") as tmp, loose_errors_counted(result.loose_errors):
         workdir = Path(tmp)
         async with realtime, twilio, httpx.AsyncClient(timeout=30.0, trust_env=False, limits=limits) as http:
             port = free_port()
@@ -663,7 +674,7 @@ async def run_load(
                 realtime.traces.clear()
                 result.background_busy = await core_busy(BACKGROUND_SAMPLE_S)
                 result.rss_idle_kb = app.rss_kb()
-                with gc_paused(), loose_errors_counted(result.loose_errors):
+                with gc_paused():
                     settle_s = 0.0 if smoke else SETTLE_S
                     traces, plan = await drive(
                         calls, seconds, settle_s, app, twilio, utterances, http, result
@@ -674,6 +685,7 @@ async def run_load(
                     analyse(result, traces, realtime, (plan.window_start, plan.window_end))
             finally:
                 await app.stop()
+        gc.collect()  # the simulators' finished tasks sit in reference cycles: count them now
     return result
 
 
@@ -885,7 +897,8 @@ def cost_row(r: RunResult) -> str:
         fmt(r.appends_in_window / (r.calls * window_s), 1),
         f"{r.up.lost + r.up.extra} of {r.up.frames}",
         f"{r.up.before_session} before session, {r.up.at_hangup} at hang-up",
-        f"{r.down.sent_bytes}/{r.down.received_bytes}",
+        f"{r.down.sent_bytes}/{r.down.received_bytes}"
+        + (f" (+{r.down.cut_bytes} cut by hang-up)" if r.down.cut_bytes else ""),
         str(r.sockets_left),
     ]
     return "| " + " | ".join(cells) + " |"
@@ -915,7 +928,8 @@ def saturation_notes(r: RunResult) -> list[str]:
         notes.append(
             f"app near its limit ({app_share * 100:.0f}% of its core, loop lag p99 {app_lag:.0f} ms)"
         )
-    if r.app_cpu_s > 0:
+    unsaturated = app_share < SATURATED_SHARE and app_lag < FRAME_S * 1000
+    if r.app_cpu_s > 0 and r.calls >= CAPACITY_MIN_CALLS and unsaturated:
         per_core = r.calls * r.window_s / r.app_cpu_s
         notes.append(f"at this app cost one core holds about {per_core:.0f} calls")
     return notes
@@ -990,6 +1004,20 @@ async def run_all(args: argparse.Namespace, taskset: list[str]) -> list[RunResul
     return results
 
 
+def bot_revision() -> str:
+    """The commit the measured code is at, and whether bot/ has uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_DIR), "status", "--porcelain", "--", "bot"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown (no git)"
+    return f"{head or 'unknown'}{' + uncommitted changes in bot/' if dirty else ''}"
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     if args.serve_app is not None:
@@ -1004,6 +1032,7 @@ def main(argv: Sequence[str]) -> int:
         else "no pinning (taskset missing or a single core)"
     )
     print(f"{os.cpu_count()} cores, {where}; load average {' '.join(load)}; model speed {args.model_speed}x")
+    print(f"bot code: {bot_revision()}")
     results = asyncio.run(run_all(args, taskset))
     print_report(results)
     return 1 if any(r.functional_failure for r in results) else 0
