@@ -40,11 +40,11 @@ from bot.settings import Settings, SettingsError, load_settings
 from bot.stream_token import mint_stream_token
 from bot.tools import StoreTools
 from bot.twilio_rest import TwilioRest
+from bot.twilio_stream import MAX_MESSAGE_BYTES
 from bot.twiml import render_fallback_twiml, render_stream_twiml, render_transfer_twiml
 
 log = logging.getLogger(__name__)
 
-WS_MAX_MESSAGE_BYTES = 64 * 1024
 MAX_WEBHOOK_BODY_BYTES = 64 * 1024
 TWIML_MEDIA_TYPE = "text/xml"
 
@@ -334,7 +334,7 @@ def main(argv: list[str]) -> int:
         create_app(settings, catalog=catalog),
         host=args.host or settings.host,
         port=args.port or settings.port,
-        ws_max_size=WS_MAX_MESSAGE_BYTES,
+        ws_max_size=MAX_MESSAGE_BYTES,
         log_config=None,
         proxy_headers=True,
     )

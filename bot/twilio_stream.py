@@ -13,6 +13,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# The largest Media Streams message the app accepts (uvicorn's default is 16 MiB). Twilio's own
+# messages are well under 1 KiB; anything near this is a fault, and is closed with 1009.
+MAX_MESSAGE_BYTES = 64 * 1024
 MULAW_BYTES_PER_MS = 8
 
 ViolationKind = Literal[

@@ -8,7 +8,7 @@ from typing import Any
 
 import uvicorn
 
-WS_MAX_MESSAGE_BYTES = 64 * 1024
+from bot.twilio_stream import MAX_MESSAGE_BYTES
 
 
 class LocalServer:
@@ -19,7 +19,7 @@ class LocalServer:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
-        settings: dict[str, Any] = {"log_config": None, "ws_max_size": WS_MAX_MESSAGE_BYTES}
+        settings: dict[str, Any] = {"log_config": None, "ws_max_size": MAX_MESSAGE_BYTES}
         settings.update(config)
         self._server = uvicorn.Server(uvicorn.Config(app, lifespan="on", **settings))
         self._task: asyncio.Task[None] | None = None
