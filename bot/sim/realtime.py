@@ -620,6 +620,15 @@ class _SessionEnded(Exception):
     """The socket is gone (closed, or dropped by a fault switch): stop producing events."""
 
 
+def _settle_response_task(task: asyncio.Task[None]) -> None:
+    """A reply cut short by the client hanging up is normal; any other failure is logged once."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None and not isinstance(error, _SessionEnded):
+        logger.error("simulated response failed", exc_info=error)
+
+
 @dataclass(slots=True)
 class _Response:
     id: str
@@ -1038,6 +1047,7 @@ class _Connection:
         response = _Response(_new_id("resp"))
         self.active = response
         response.task = asyncio.create_task(self._run_response(response, params or {}))
+        response.task.add_done_callback(_settle_response_task)
 
     def _tools(self, params: Json) -> set[str]:
         tools = params["tools"] if params.get("tools") is not None else self.record.session["tools"]
