@@ -553,7 +553,6 @@ class CallBridge:
             await self._fall_back("realtime_unreachable")
             return
         self.stats.last_realtime_refusal = None
-        self._uplink.clear()
         while True:
             self._client = client
             self._clients.add(client)
