@@ -6,6 +6,7 @@ webhook), never through the model's voice. So tool results are short spoken-styl
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -284,7 +285,9 @@ class StoreTools:
         call_log = CallLog(log, call_sid=context.call_sid)
         try:
             if name == "search_products":
-                result = self.search_products(parse_arguments(SearchArgs, arguments))
+                query = parse_arguments(SearchArgs, arguments)
+                # A broad query on a large catalog takes milliseconds: keep it off the event loop.
+                result = await asyncio.to_thread(self.search_products, query)
             elif name == "send_product_details":
                 args = parse_arguments(SendArgs, arguments)
                 result = await self.send_product_details(args, context)
