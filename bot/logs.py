@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Mapping, MutableMapping
@@ -23,6 +24,14 @@ def mask_phone(number: str | None) -> str:
     if len(digits) < 4:
         return "***"
     return "***" + "".join(digits[-4:])
+
+
+_PHONE_NUMBER = re.compile(r"\+\d{7,15}\b")
+
+
+def mask_phones_in(text: str) -> str:
+    """Masks every phone number inside free text (an error message from Twilio, say)."""
+    return _PHONE_NUMBER.sub(lambda match: mask_phone(match.group()), text)
 
 
 class JsonFormatter(logging.Formatter):

@@ -29,7 +29,7 @@ from twilio.http import AsyncHttpClient
 from twilio.http.response import Response as TwilioResponse
 from twilio.rest import Client
 
-from bot.logs import mask_phone
+from bot.logs import mask_phone, mask_phones_in
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,11 @@ class TwilioRest:
 
 
 def permanent(exc: TwilioRestException) -> TwilioPermanentError:
-    """Twilio's 4xx answer as our permanent error, keeping its code and message."""
+    """Twilio's 4xx answer as our permanent error, keeping its code and message.
+
+    Twilio's messages quote the number ("The 'To' number +1555… is not valid"): masked here, so
+    no log line, outbox row or webhook carries it whole.
+    """
     code = exc.code if isinstance(exc.code, int) else None
-    message = UNABLE_PREFIX.sub("", str(exc.msg))
+    message = mask_phones_in(UNABLE_PREFIX.sub("", str(exc.msg)))
     return TwilioPermanentError(code, message, exc.status)

@@ -176,3 +176,12 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
     assert 25 <= (retry_after_seconds(later) or 0) <= 30
     assert retry_after_seconds("soon") is None
     assert retry_after_seconds(None) is None
+
+
+async def test_a_refusal_message_never_carries_the_callers_whole_number(
+    sim: TwilioApiSimulator, http: httpx.AsyncClient
+) -> None:
+    sim.invalid_numbers.add("+15550000000")
+    with pytest.raises(TwilioPermanentError) as info:
+        await rest_for(sim, http).send_sms("+15550000000", "hello")
+    assert "+15550000000" not in str(info.value)
