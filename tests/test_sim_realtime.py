@@ -599,18 +599,11 @@ async def test_drop_after_events_resets_the_socket_after_n_events(
     assert sim.sessions[0].closed
 
 
-async def test_event_delay_delays_every_server_event(sim: RealtimeSimulator, client: Client) -> None:
-    sim.event_delay_s = 0.05
-    started = time.monotonic()
-    for _ in range(2):
-        await client.send({"type": "input_audio_buffer.clear"})
-    await client.until("input_audio_buffer.cleared")
-    await client.until("input_audio_buffer.cleared")
-    assert time.monotonic() - started >= 0.1
-
-
-async def test_read_delay_slows_the_reading_of_client_events(sim: RealtimeSimulator, client: Client) -> None:
-    sim.read_delay_s = 0.05
+@pytest.mark.parametrize("switch", ["event_delay_s", "read_delay_s"], ids=["write", "read"])
+async def test_a_delay_switch_slows_every_exchange(
+    sim: RealtimeSimulator, client: Client, switch: str
+) -> None:
+    setattr(sim, switch, 0.05)
     started = time.monotonic()
     for _ in range(2):
         await client.send({"type": "input_audio_buffer.clear"})
