@@ -47,13 +47,12 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import quote, urljoin
 
 import httpx
 
 from bot import __version__
 from bot.logs import CallLog, mask_phone
-from bot.products import Product, ProductsCollection
+from bot.products import Product, ProductsCollection, absolute_url
 from bot.settings import Settings, SettingsError, load_settings
 from bot.tools import OutboxUnavailable, SmsOutcome, can_receive_sms
 from bot.twilio_rest import (
@@ -184,12 +183,6 @@ class SmsPart:
 
     body: str
     media_urls: tuple[str, ...] = ()
-
-
-def absolute_url(link: str, media_base_url: str) -> str:
-    """A catalog link as a URL a phone can open: names like 'x_front.jpg' join MEDIA_BASE_URL."""
-    base = media_base_url if media_base_url.endswith("/") else media_base_url + "/"
-    return urljoin(base, quote(link.strip(), safe="/:?=&%#+@,;~"))
 
 
 def price_line(product: Product) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Literal
+from urllib.parse import quote, urljoin
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -71,3 +72,27 @@ class ProductsCollection(BaseModel):
 
     TextMessage: str
     JsonData: JsonData
+
+
+def absolute_url(link: str, media_base_url: str) -> str:
+    """A catalog link as a URL a phone or browser can open: names like 'x_front.jpg' join MEDIA_BASE_URL."""
+    base = media_base_url if media_base_url.endswith("/") else media_base_url + "/"
+    return urljoin(base, quote(link.strip(), safe="/:?=&%#+@,;~"))
+
+
+def with_absolute_links(product: Product, media_base_url: str) -> Product:
+    """The product with every picture and link absolute, ready for a page to load or open."""
+
+    def resolve(link: str | None) -> str | None:
+        return absolute_url(link, media_base_url) if link else link
+
+    return product.model_copy(
+        update={
+            "profilePic": resolve(product.profilePic),
+            "images": [absolute_url(image, media_base_url) for image in product.images],
+            "Link3D": resolve(product.Link3D),
+            "LinkAR": resolve(product.LinkAR),
+            "LinkVideo": resolve(product.LinkVideo),
+            "TechnicalSheet": resolve(product.TechnicalSheet),
+        }
+    )

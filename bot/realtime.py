@@ -13,7 +13,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from bot.settings import Settings
-from bot.tools import AGENT_INSTRUCTIONS, TOOL_DEFINITIONS
+from bot.tools import PHONE_AGENT, Agent
 
 
 def audio_format(settings: Settings) -> dict[str, Any]:
@@ -41,12 +41,12 @@ def turn_detection(settings: Settings) -> dict[str, Any]:
     }
 
 
-def session_config(settings: Settings) -> dict[str, Any]:
-    """The `session` object of `session.update`; `/session` sends the same one for browsers."""
+def session_config(settings: Settings, agent: Agent = PHONE_AGENT) -> dict[str, Any]:
+    """The `session` object of `session.update`; `/session` sends the browser agent's for browsers."""
     fmt = audio_format(settings)
     return {
         "type": "realtime",
-        "instructions": AGENT_INSTRUCTIONS,
+        "instructions": agent.instructions,
         "output_modalities": ["audio"],
         "audio": {
             "input": {
@@ -57,7 +57,7 @@ def session_config(settings: Settings) -> dict[str, Any]:
             },
             "output": {"format": fmt, "voice": settings.realtime_voice},
         },
-        "tools": TOOL_DEFINITIONS,
+        "tools": agent.tools,
         "tool_choice": "auto",
     }
 

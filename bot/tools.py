@@ -1,7 +1,10 @@
 """The agent: what the model is told, the tools it may call, and what running a tool returns.
 
-The model speaks; product data travels as ProductsCollection JSON through the outbox (SMS and
-webhook), never through the model's voice. So tool results are short spoken-style summaries.
+The model speaks; product data travels as ProductsCollection JSON, never through the model's
+voice. So tool results are short spoken-style summaries. There are two toolsets over the same
+catalog: the phone's (`StoreTools`: the details go by SMS and webhook through the outbox, and the
+call can be transferred or ended) and the browser's (`BrowserTools`: the details go to the page
+as product cards).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bot.catalog import Catalog, SearchHit
 from bot.logs import CallLog, mask_phone
-from bot.products import JsonData, Product, ProductsCollection
+from bot.products import JsonData, Product, ProductsCollection, with_absolute_links
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +39,41 @@ You are the phone assistant of a store. You are speaking on a phone line.
 - Speak the caller's language; default to English.
 """
 
+BROWSER_INSTRUCTIONS = """\
+You are the assistant of a store, on the store's web page. The customer talks to you through
+their microphone and hears you through their speakers, or types; they see a screen.
+- Be brief and natural: one or two short sentences per turn, then let the customer talk.
+- Use search_products to find what the customer asks for. Mention at most three products, by
+  name and price in words (for example "four hundred and eleven dollars"), with one reason each.
+- Never read out SKUs, links, web addresses, JSON, or long numbers. Those are on the screen.
+- Whenever you mention products, call show_products with their SKUs so the customer sees them as
+  cards (pictures, prices, questions and answers, 3D and AR views, video, technical sheet), and
+  say they are on the screen.
+- If a tool reports an error, say so simply and offer an alternative.
+- Speak the customer's language; default to English.
+"""
+
 GREETING_INSTRUCTIONS = (
     "Greet the caller in one short sentence as the store's assistant and ask what they are looking for."
 )
 
 
-TOOL_DEFINITIONS: list[dict[str, Any]] = [
-    {
+
+
+def _search_tool(skus_go_to: str, person: str) -> dict[str, Any]:
+    """search_products, pointing the model at the tool that takes its SKUs on this channel."""
+    return {
         "type": "function",
         "name": "search_products",
         "description": (
             "Search the store catalog. Returns up to five matches with name, brand, price after "
             "discount, rating and a one-line summary to speak, and each product's sku for "
-            "send_product_details. Never read the sku aloud."
+            f"{skus_go_to}. Never read the sku aloud."
         ),
         "parameters": {
             "type": "object",
             "properties": {
-                "query": {"type": "string", "description": "What the caller wants, in their words."},
+                "query": {"type": "string", "description": f"What the {person} wants, in their words."},
                 "max_price": {"type": "number", "description": "Highest price after discount, in dollars."},
                 "brand": {"type": "string", "description": "Only this brand."},
                 "min_rating": {"type": "number", "description": "Lowest customer rating, 0 to 5."},
@@ -61,7 +81,11 @@ TOOL_DEFINITIONS: list[dict[str, Any]] = [
             "required": ["query"],
             "additionalProperties": False,
         },
-    },
+    }
+
+
+TOOL_DEFINITIONS: list[dict[str, Any]] = [
+    _search_tool("send_product_details", "caller"),
     {
         "type": "function",
         "name": "send_product_details",
@@ -99,6 +123,40 @@ TOOL_DEFINITIONS: list[dict[str, Any]] = [
     },
 ]
 
+# The browser's agent: the phone's minus texting, transfers and hanging up, plus show_products.
+BROWSER_TOOL_DEFINITIONS: list[dict[str, Any]] = [
+    _search_tool("show_products", "customer"),
+    {
+        "type": "function",
+        "name": "show_products",
+        "description": (
+            "Show these products to the customer as cards on their screen: pictures, price, "
+            "discount, rating, description, questions and answers, and links to the 3D view, AR "
+            "view, video and technical sheet. Use the skus from search_products."
+        ),
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "skus": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 10},
+            },
+            "required": ["skus"],
+            "additionalProperties": False,
+        },
+    },
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """What a Realtime session is told and may call, for one channel (phone or browser)."""
+
+    instructions: str
+    tools: list[dict[str, Any]]
+
+
+PHONE_AGENT = Agent(AGENT_INSTRUCTIONS, TOOL_DEFINITIONS)
+BROWSER_AGENT = Agent(BROWSER_INSTRUCTIONS, BROWSER_TOOL_DEFINITIONS)
+
 
 @dataclass(frozen=True, slots=True)
 class CallContext:
@@ -131,6 +189,7 @@ SPOKEN_PRODUCTS_MAX = 3
 BRANDS_LISTED_MAX = 8
 NOTE_MAX_CHARS = 300
 DETAILS_TEXT = "Here are the details of the products we talked about."
+SHOWN_TEXT = "Here are the products we are talking about."
 # Twilio answers a send in well under a second; past this the tool says "on its way".
 SMS_CONFIRM_WAIT_S = 2.0
 SMS_REFUSAL_REASONS = {
@@ -196,6 +255,10 @@ class SearchArgs(_Args):
 class SendArgs(_Args):
     skus: list[str] = Field(min_length=1, max_length=10)
     note: str | None = Field(None, max_length=1000)
+
+
+class ShowArgs(_Args):
+    skus: list[str] = Field(min_length=1, max_length=10)
 
 
 class TransferArgs(_Args):
@@ -264,6 +327,53 @@ def search_summary(hits: list[SearchHit]) -> str:
     return f"Best match{'es' if len(mentions) > 1 else ''}: {joined}."
 
 
+def search_catalog(catalog: Catalog, args: SearchArgs) -> str:
+    """Up to five matches with a sentence to speak; SKUs are in the data, never the sentence."""
+    hits = catalog.search(
+        args.query,
+        max_price=args.max_price,
+        brand=args.brand,
+        min_rating=args.min_rating,
+        limit=SEARCH_LIMIT,
+    )
+    products = [
+        {
+            "sku": hit.product.sku,
+            "name": hit.product.name,
+            "brand": hit.product.brand,
+            "price": hit.product.price_after_discount,
+            "rating": hit.product.rate,
+            "highlight": hit.highlight,
+        }
+        for hit in hits
+    ]
+    summary = search_summary(hits) if hits else _no_match_summary(catalog, args)
+    return _output(found=len(hits), summary=summary, products=products)
+
+
+def _no_match_summary(catalog: Catalog, args: SearchArgs) -> str:
+    brands = catalog.brands
+    if args.brand and args.brand.strip().casefold() not in {b.casefold() for b in brands}:
+        listed = ", ".join(brands[:BRANDS_LISTED_MAX])
+        return f"The store has no brand called {args.brand}. Brands it has include {listed}."
+    limits = []
+    if args.max_price is not None:
+        limits.append(f"under {spoken_price(args.max_price)}")
+    if args.brand:
+        limits.append(f"from {args.brand}")
+    if args.min_rating is not None:
+        limits.append(f"rated {args.min_rating:g} or more")
+    if not limits:
+        return "Nothing in the store matches that. Ask them to describe it another way."
+    closest = catalog.search(args.query, limit=1)
+    if not closest:
+        return f"Nothing matches that {' and '.join(limits)}."
+    return (
+        f"Nothing matches that {' and '.join(limits)}. Without those limits the closest is "
+        f"{_mention(closest[0])}."
+    )
+
+
 class StoreTools:
     """The agent's tools over the store's catalog and outbox (implements `Toolbox`)."""
 
@@ -310,49 +420,7 @@ class StoreTools:
         return result
 
     def search_products(self, args: SearchArgs) -> ToolResult:
-        """Up to five matches with a sentence to speak; SKUs are in the data, never the sentence."""
-        hits = self._catalog.search(
-            args.query,
-            max_price=args.max_price,
-            brand=args.brand,
-            min_rating=args.min_rating,
-            limit=SEARCH_LIMIT,
-        )
-        products = [
-            {
-                "sku": hit.product.sku,
-                "name": hit.product.name,
-                "brand": hit.product.brand,
-                "price": hit.product.price_after_discount,
-                "rating": hit.product.rate,
-                "highlight": hit.highlight,
-            }
-            for hit in hits
-        ]
-        summary = search_summary(hits) if hits else self._no_match_summary(args)
-        return ToolResult(_output(found=len(hits), summary=summary, products=products))
-
-    def _no_match_summary(self, args: SearchArgs) -> str:
-        brands = self._catalog.brands
-        if args.brand and args.brand.strip().casefold() not in {b.casefold() for b in brands}:
-            listed = ", ".join(brands[:BRANDS_LISTED_MAX])
-            return f"The store has no brand called {args.brand}. Brands it has include {listed}."
-        limits = []
-        if args.max_price is not None:
-            limits.append(f"under {spoken_price(args.max_price)}")
-        if args.brand:
-            limits.append(f"from {args.brand}")
-        if args.min_rating is not None:
-            limits.append(f"rated {args.min_rating:g} or more")
-        if not limits:
-            return "Nothing in the store matches that. Ask the caller to describe it another way."
-        closest = self._catalog.search(args.query, limit=1)
-        if not closest:
-            return f"Nothing matches that {' and '.join(limits)}."
-        return (
-            f"Nothing matches that {' and '.join(limits)}. Without those limits the closest is "
-            f"{_mention(closest[0])}."
-        )
+        return ToolResult(search_catalog(self._catalog, args))
 
     async def send_product_details(self, args: SendArgs, context: CallContext) -> ToolResult:
         """Queue the products as a ProductsCollection before answering, so nothing promised is lost."""
@@ -444,6 +512,69 @@ class StoreTools:
                 message=f"Nobody from the store can take the call right now. Apologize briefly and {offer}",
             )
         )
+
+
+@dataclass(frozen=True, slots=True)
+class BrowserToolResult:
+    """What the model gets back (`output`), and the products the page shows, if any."""
+
+    output: str
+    collection: ProductsCollection | None = None
+
+
+class BrowserTools:
+    """The browser assistant's tools over the store's catalog: search it, show products as cards.
+
+    The page runs the model's tool calls through the app (`POST /assistant/tools/{name}`), so
+    only these two exist there: nothing a browser can reach texts anyone or moves a phone call.
+    """
+
+    names = tuple(tool["name"] for tool in BROWSER_TOOL_DEFINITIONS)
+
+    def __init__(self, catalog: Catalog, *, media_base_url: str) -> None:
+        self._catalog = catalog
+        self._media_base_url = media_base_url
+
+    async def run(self, name: str, arguments: str) -> BrowserToolResult:
+        """Run one tool call; every failure becomes an `{"error": ...}` output, never a raise."""
+        try:
+            if name == "search_products":
+                query = parse_arguments(SearchArgs, arguments)
+                return BrowserToolResult(await asyncio.to_thread(search_catalog, self._catalog, query))
+            if name == "show_products":
+                return self.show_products(parse_arguments(ShowArgs, arguments))
+        except BadArguments as exc:
+            log.warning("bad browser tool arguments", extra={"tool": name, "reason": str(exc)})
+            error = f"{name}: {exc}. Fix the arguments and call it again."
+        except Exception:
+            log.exception("browser tool failed", extra={"tool": name})
+            error = f"{name} failed unexpectedly. Apologize and offer another way to help."
+        else:
+            known = ", ".join(self.names)
+            error = f"there is no tool named {name[:64]!r}; the tools are {known}"
+        return BrowserToolResult(_output(error=error))
+
+    def show_products(self, args: ShowArgs) -> BrowserToolResult:
+        """The known products go to the page with links it can open; the model gets their names."""
+        products, unknown = self._catalog.get(list(dict.fromkeys(args.skus)))
+        if not products:
+            message = (
+                "none of these skus is in the catalog: " + ", ".join(unknown) + ". Nothing was "
+                "shown. Use skus exactly as search_products returned them."
+            )
+            return BrowserToolResult(_output(error=message, unknown_skus=unknown))
+        shown = [with_absolute_links(p, self._media_base_url) for p in products]
+        fields: dict[str, Any] = {
+            "shown": len(shown),
+            "names": [p.name for p in shown],
+            "message": "The products are on the customer's screen now. Say so in a few words; "
+            "never read their details or links out.",
+        }
+        if unknown:
+            fields["unknown_skus"] = unknown
+            fields["message"] += " Some skus were not in the catalog and are not shown."
+        collection = ProductsCollection(TextMessage=SHOWN_TEXT, JsonData=JsonData(products=shown))
+        return BrowserToolResult(_output(**fields), collection)
 
 
 def build_collection(products: list[Product], note: str | None) -> ProductsCollection:

@@ -14,6 +14,7 @@ from bot.products import ProductsCollection
 from bot.settings import SAMPLE_CATALOG_PATH
 from bot.tools import (
     TOOL_DEFINITIONS,
+    BrowserTools,
     CallContext,
     OutboxUnavailable,
     SmsOutcome,
@@ -341,3 +342,79 @@ async def test_an_unknown_tool_is_an_error_naming_the_real_tools(catalog: Catalo
     output = await call(make_tools(catalog), "delete_everything", {})
     assert "no tool named 'delete_everything'" in output["error"]
     assert "search_products" in output["error"]
+
+
+# --- the browser's toolset ----------------------------------------------------------------------
+
+MEDIA = "https://cdn.example.com/media/"
+
+
+async def browse(
+    catalog: Catalog, name: str, arguments: Any
+) -> tuple[dict[str, Any], ProductsCollection | None]:
+    raw = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    result = await BrowserTools(catalog, media_base_url=MEDIA).run(name, raw)
+    return json.loads(result.output), result.collection
+
+
+@pytest.mark.anyio
+async def test_the_browser_searches_exactly_as_the_phone_does(catalog: Catalog) -> None:
+    arguments = {"query": "quiet washer", "max_price": 900}
+    browser, collection = await browse(catalog, "search_products", arguments)
+    phone = await call(make_tools(catalog), "search_products", arguments)
+    assert browser == {key: value for key, value in phone.items() if key != "_action"}
+    assert collection is None
+
+
+@pytest.mark.anyio
+async def test_show_products_gives_the_page_the_catalog_records_with_links_it_can_open(
+    catalog: Catalog,
+) -> None:
+    output, collection = await browse(catalog, "show_products", {"skus": ["WM-2024-X500", "DR-2024-0009"]})
+    assert collection is not None
+    assert collection.JsonData.jsonType == "ProductsCollection"
+    shown = collection.JsonData.products
+    assert [p.sku for p in shown] == ["WM-2024-X500", "DR-2024-0009"]
+    record = catalog.get(["WM-2024-X500"])[0][0]
+    assert (shown[0].name, shown[0].price, shown[0].discount, shown[0].FAQS) == (
+        record.name, record.price, record.discount, record.FAQS
+    )
+    assert shown[0].profilePic == MEDIA + "smartwash_pro_500_front_load_washer_profile.jpg"
+    assert all(image.startswith(MEDIA) for image in shown[0].images)
+    assert shown[0].Link3D == record.Link3D, "absolute links stay as they are"
+    assert set(collection.model_dump()["JsonData"]["products"][0]) == SEED_PRODUCT_KEYS
+    assert output["shown"] == 2 and output["names"] == [p.name for p in shown]
+    assert_speakable(output["message"])
+    assert "http" not in json.dumps(output), "the model never gets a link to read out"
+
+
+@pytest.mark.anyio
+async def test_show_products_shows_the_known_skus_and_names_the_unknown(catalog: Catalog) -> None:
+    output, collection = await browse(catalog, "show_products", {"skus": ["WM-2024-X500", "NOPE-1"]})
+    assert collection is not None and [p.sku for p in collection.JsonData.products] == ["WM-2024-X500"]
+    assert output["unknown_skus"] == ["NOPE-1"] and output["shown"] == 1
+
+
+@pytest.mark.anyio
+async def test_show_products_with_no_known_sku_is_an_error_and_shows_nothing(catalog: Catalog) -> None:
+    output, collection = await browse(catalog, "show_products", {"skus": ["NOPE-1"]})
+    assert collection is None
+    assert "NOPE-1" in output["error"] and "Nothing was shown" in output["error"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("arguments", "reason"),
+    [("{}", "skus: Field required"), ('{"skus": []}', "skus"), ("not json", "not valid JSON")],
+)
+async def test_bad_show_arguments_return_an_error(catalog: Catalog, arguments: str, reason: str) -> None:
+    output, collection = await browse(catalog, "show_products", arguments)
+    assert reason in output["error"] and collection is None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["send_product_details", "transfer_to_person", "end_call"])
+async def test_the_browser_has_no_phone_tools(catalog: Catalog, name: str) -> None:
+    output, _ = await browse(catalog, name, {"skus": ["WM-2024-X500"]})
+    assert f"no tool named '{name}'" in output["error"]
+    assert "search_products, show_products" in output["error"]
