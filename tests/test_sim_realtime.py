@@ -15,14 +15,17 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import websockets
-from openai.types.realtime import RealtimeServerEvent
+from openai import AsyncOpenAI
+from openai.types.realtime import RealtimeConversationItemUserMessageParam, RealtimeServerEvent
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
+from websockets.typing import Subprotocol
 
 from bot.sim.realtime import RealtimeSimulator, Scenario, ToolCall, Turn
 from bot.wav import read_wav
@@ -678,6 +681,110 @@ async def test_expired_client_secret_is_refused_at_the_handshake() -> None:
         assert status == 401
     finally:
         await sim.stop()
+
+
+async def test_a_refused_client_secret_gets_the_status_openai_would_send(sim: RealtimeSimulator) -> None:
+    sim.reject_client_secrets_status = 503
+    refused = await mint(sim, {})
+    sim.reject_client_secrets_status = None
+    assert refused.status_code == 503 and "overloaded" in refused.json()["error"]["message"]
+    assert (await mint(sim, {})).status_code == 200
+
+
+# --- browsers: the client secret in the subprotocol, REST and WebSocket on one port --------------
+
+
+def browser_subprotocols(secret: str) -> list[Subprotocol]:
+    return [Subprotocol("realtime"), Subprotocol(f"openai-insecure-api-key.{secret}")]
+
+
+async def test_rest_and_websocket_share_one_port_as_on_openais_host(sim: RealtimeSimulator) -> None:
+    assert urlsplit(sim.url).netloc == urlsplit(sim.base_url).netloc
+    assert (await mint(sim, {})).status_code == 200
+
+
+async def test_a_browser_opens_a_session_with_the_secret_in_the_subprotocol(sim: RealtimeSimulator) -> None:
+    session = {"type": "realtime", "instructions": "Show products.", "audio": {"output": {"voice": "cedar"}}}
+    secret = (await mint(sim, {"session": session})).json()["value"]
+    url = f"{sim.url}?model=gpt-realtime"
+    async with websockets.connect(url, subprotocols=browser_subprotocols(secret)) as ws:
+        created = await Client(ws).recv()
+        assert ws.subprotocol == "realtime", "only `realtime` is echoed, never the secret"
+        assert secret not in str(ws.response.headers if ws.response else "")
+    assert created["session"]["instructions"] == "Show products."
+    assert sim.sessions[-1].client_secret == secret
+
+
+@pytest.mark.parametrize("secret", ["ek_unknown", ""], ids=["unknown", "empty"])
+async def test_a_browser_with_an_unknown_secret_is_refused_with_401(
+    sim: RealtimeSimulator, secret: str
+) -> None:
+    url = f"{sim.url}?model=gpt-realtime"
+    with pytest.raises(InvalidStatus) as info:
+        async with websockets.connect(url, subprotocols=browser_subprotocols(secret)):
+            pass
+    assert info.value.response.status_code == 401
+
+
+async def test_an_expired_secret_in_the_subprotocol_is_refused_with_401() -> None:
+    now = [1_000_000.0]
+    sim = RealtimeSimulator(SCENARIO, clock=lambda: now[0])
+    await sim.start()
+    try:
+        secret = (await mint(sim, {"expires_after": {"anchor": "created_at", "seconds": 10}})).json()["value"]
+        now[0] += 11
+        with pytest.raises(InvalidStatus) as info:
+            async with websockets.connect(
+                f"{sim.url}?model=gpt-realtime", subprotocols=browser_subprotocols(secret)
+            ):
+                pass
+        assert info.value.response.status_code == 401
+    finally:
+        await sim.stop()
+
+
+async def test_the_key_subprotocol_without_realtime_is_refused_with_400(sim: RealtimeSimulator) -> None:
+    secret = (await mint(sim, {})).json()["value"]
+    with pytest.raises(InvalidStatus) as info:
+        async with websockets.connect(
+            f"{sim.url}?model=gpt-realtime", subprotocols=[Subprotocol(f"openai-insecure-api-key.{secret}")]
+        ):
+            pass
+    assert info.value.response.status_code == 400
+
+
+async def test_the_beta_subprotocol_gets_beta_api_shape_disabled(sim: RealtimeSimulator) -> None:
+    secret = (await mint(sim, {})).json()["value"]
+    offered = [*browser_subprotocols(secret), Subprotocol("openai-beta.realtime-v1")]
+    async with websockets.connect(f"{sim.url}?model=gpt-realtime", subprotocols=offered) as ws:
+        assert (await Client(ws).error())["code"] == "beta_api_shape_disabled"
+
+
+async def test_the_openai_sdk_given_one_base_url_mints_a_secret_and_runs_a_text_turn() -> None:
+    scenario = Scenario(greeting="Hello!", turns=[Turn(say="We have three washers.")])
+    async with RealtimeSimulator(scenario, api_key=KEY, audio_speed=float("inf")) as sim:
+        base_url = sim.base_url + "/v1"
+        minted = await AsyncOpenAI(api_key=KEY, base_url=base_url).realtime.client_secrets.create(
+            session={"type": "realtime", "model": "gpt-realtime", "output_modalities": ["text"]}
+        )
+        browser = AsyncOpenAI(api_key=minted.value, base_url=base_url)
+        async with browser.realtime.connect(model="gpt-realtime") as connection:
+            question: RealtimeConversationItemUserMessageParam = {
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "Washers?"}],
+            }
+            await connection.conversation.item.create(item=question)
+            await connection.response.create()
+            text = ""
+            async for event in connection:
+                if event.type == "response.output_text.done":
+                    text = event.text
+                if event.type == "response.done":
+                    break
+    assert minted.value.startswith("ek_")
+    assert text == "We have three washers."
+    assert sim.sessions[0].client_secret == minted.value
 
 
 # --- scenarios ------------------------------------------------------------------------------

@@ -4,9 +4,12 @@ It speaks the wire protocol of `wss://api.openai.com/v1/realtime` on 127.0.0.1: 
 and its refusals, `session.update` with the GA schema (validated with the `openai` package's own
 models, unknown fields refused as the real service does), an energy-based server VAD on audio
 time, responses with audio deltas paced faster than real time, function calls, cancel, truncate,
-and `POST /v1/realtime/client_secrets` for ephemeral keys. What the model says and which tools it
-calls come from a `Scenario`: an ordered list of turns. Fault switches on `RealtimeSimulator`
-drop the socket, delay events, inject errors, refuse handshakes and close sessions.
+and `POST /v1/realtime/client_secrets` for ephemeral keys, both on one port as OpenAI serves them
+from one host. A browser authenticates as it does with OpenAI: the client secret in the
+subprotocol `openai-insecure-api-key.<secret>`, offered with `realtime`. What the model says and
+which tools it calls come from a `Scenario`: an ordered list of turns. Fault switches on
+`RealtimeSimulator` drop the socket, delay events, inject errors, refuse handshakes and client
+secrets, and close sessions.
 
 How a `response.create` (or the VAD's automatic response) picks what to say, per session:
 1. after a tool-call response, the pending turn's `say`, with `{field}` filled from the JSON
@@ -52,6 +55,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from bot.wav import read_wav
 
@@ -67,6 +71,10 @@ PCM_RATE_HZ = 24000
 G711_RATE_HZ = 8000
 MAX_APPEND_BYTES = 15 * 1024 * 1024
 MAX_REST_BODY_BYTES = 1024 * 1024
+MAX_REST_HEAD_BYTES = 64 * 1024
+REALTIME_SUBPROTOCOL = "realtime"
+KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
+BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 MIN_COMMIT_MS = 100
 VAD_FRAME_MS = 10
 # Energy threshold in dBFS for VAD threshold t: -60 + 50 t (0.5 -> -35 dBFS, louder needed as t rises).
@@ -646,7 +654,8 @@ class SimSession:
     (a call sends 50 a second), which `audio_appends` counts and `input_audio_ms` measures;
     `input_audio` keeps the decoded PCM16 only when the simulator's `record_input_audio` is on.
     `transcript` is (role, text) in order: "user" (the scenario's `hears`, or a placeholder) and
-    "assistant" (what was spoken, cut short when cancelled).
+    "assistant" (what was spoken, cut short when cancelled). `client_secret` is the ephemeral
+    secret the session was opened with (None for the API key).
     """
 
     events_received: list[Json] = field(default_factory=list)
@@ -658,6 +667,7 @@ class SimSession:
     transcript: list[tuple[str, str]] = field(default_factory=list)
     closed: bool = False
     beta_header: bool = False
+    client_secret: str | None = None
     input_audio: bytearray = field(default_factory=bytearray)
 
 
@@ -1319,6 +1329,128 @@ def _bearer(value: str | None) -> str | None:
     return value.removeprefix("Bearer ").strip() or None
 
 
+def _subprotocols(request: Request) -> list[str]:
+    offered = request.headers.get_all("Sec-WebSocket-Protocol")
+    return [name.strip() for value in offered for name in value.split(",") if name.strip()]
+
+
+def _credential(request: Request) -> str | None:
+    """The key a client connects with: a bearer header (servers) or the subprotocol (browsers)."""
+    bearer = _bearer(request.headers.get("Authorization"))
+    if bearer is not None:
+        return bearer
+    for name in _subprotocols(request):
+        if name.startswith(KEY_SUBPROTOCOL_PREFIX):
+            return name.removeprefix(KEY_SUBPROTOCOL_PREFIX) or None
+    return None
+
+
+def _select_subprotocol(
+    connection: ServerConnection, offered: typing.Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """OpenAI answers `realtime`; the key subprotocol is never echoed back."""
+    return Subprotocol(REALTIME_SUBPROTOCOL) if REALTIME_SUBPROTOCOL in offered else None
+
+
+def _asks_for_websocket(head: bytes) -> bool:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"upgrade" and b"websocket" in value.lower():
+            return True
+    return False
+
+
+class _SharedPortConnection(ServerConnection):
+    """One port for REST and WebSocket, as api.openai.com serves both.
+
+    A request asking to upgrade goes on to websockets; any other HTTP request is answered by
+    `answer_rest` (one request per connection, then the connection closes).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head: bytearray | None = bytearray()
+        self._rest: h11.Connection | None = None
+        self._rest_request: h11.Request | None = None
+        self._rest_body = bytearray()
+
+    def answer_rest(
+        self, method: str, target: str, headers: Mapping[str, str], body: bytes
+    ) -> tuple[int, Json]:
+        raise NotImplementedError("RealtimeSimulator.start binds this to RealtimeSimulator.rest")
+
+    def data_received(self, data: bytes) -> None:
+        if self._rest is not None:
+            self._receive_rest(data)
+            return
+        if self._head is None:
+            super().data_received(data)
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > MAX_REST_HEAD_BYTES:
+                self.transport.close()
+            return
+        received, self._head = bytes(self._head), None
+        if _asks_for_websocket(received[:end]):
+            super().data_received(received)
+        else:
+            self._rest = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REST_HEAD_BYTES)
+            self._receive_rest(received)
+
+    def eof_received(self) -> None:
+        if self._head is not None or self._rest is not None:
+            self.transport.close()
+            return
+        super().eof_received()
+
+    def _receive_rest(self, data: bytes) -> None:
+        assert self._rest is not None
+        self._rest.receive_data(data)
+        while True:
+            try:
+                event = self._rest.next_event()
+            except h11.RemoteProtocolError:
+                self.transport.close()
+                return
+            if event is h11.NEED_DATA:
+                return
+            if isinstance(event, h11.Request):
+                self._rest_request = event
+            elif isinstance(event, h11.Data):
+                self._rest_body += event.data
+                if len(self._rest_body) > MAX_REST_BODY_BYTES:
+                    self.transport.close()
+                    return
+            elif isinstance(event, h11.EndOfMessage) and self._rest_request is not None:
+                self._respond(self._rest_request, bytes(self._rest_body))
+                return
+            else:
+                self.transport.close()
+                return
+
+    def _respond(self, request: h11.Request, body: bytes) -> None:
+        assert self._rest is not None
+        status, payload = self.answer_rest(
+            request.method.decode(),
+            request.target.decode(),
+            {k.decode().lower(): v.decode() for k, v in request.headers},
+            body,
+        )
+        data = json.dumps(payload).encode()
+        headers = [
+            ("content-type", "application/json"),
+            ("content-length", str(len(data))),
+            ("connection", "close"),
+        ]
+        reason = http.HTTPStatus(status).phrase.encode()
+        response = h11.Response(status_code=status, headers=headers, reason=reason)
+        for event in (response, h11.Data(data=data), h11.EndOfMessage()):
+            self.transport.write(self._rest.send(event) or b"")
+        self.transport.close()
+
+
 def _auth_failure(token: str | None) -> Json:
     if token is None:
         message = (
@@ -1345,12 +1477,13 @@ class _ClientSecretRequest(BaseModel):
 
 
 class RealtimeSimulator:
-    """A Realtime API on 127.0.0.1: WebSocket at `url`, REST at `base_url`.
+    """A Realtime API on 127.0.0.1, one port: WebSocket at `url`, REST at `base_url`.
 
     Fault switches (settable any time): `drop_after_events` resets the TCP connection after that
     many more server events; `event_delay_s` delays every server event; `read_delay_s` slows the
     reading of client events; `reject_handshake_status` refuses new connections with that HTTP
-    status; `inject_error()` and `close_with()` act on open sessions.
+    status, and `reject_client_secrets_status` new client secrets; `inject_error()` and
+    `close_with()` act on open sessions.
     """
 
     def __init__(
@@ -1370,6 +1503,7 @@ class RealtimeSimulator:
         self.event_delay_s = 0.0
         self.read_delay_s = 0.0
         self.reject_handshake_status: int | None = None
+        self.reject_client_secrets_status: int | None = None
         self.sessions: list[SimSession] = []
         self.client_secret_requests: list[Json] = []
         self._clock = clock
@@ -1379,9 +1513,7 @@ class RealtimeSimulator:
         self._connections: dict[int, _Connection] = {}
         self._pending_errors: list[Json] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._http_tasks: set[asyncio.Task[Any]] = set()
         self._ws_server: Server | None = None
-        self._http_server: asyncio.Server | None = None
         self.url = ""
         self.base_url = ""
 
@@ -1389,27 +1521,30 @@ class RealtimeSimulator:
     def open_connections(self) -> int:
         return sum(not s.closed for s in self.sessions)
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, rest_port: int = 0) -> None:
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        sim = self
+
+        class Connection(_SharedPortConnection):
+            def answer_rest(
+                self, method: str, target: str, headers: Mapping[str, str], body: bytes
+            ) -> tuple[int, Json]:
+                return sim.rest(method, target, headers, body)
+
         self._ws_server = await serve(
             self._handle,
             host,
             port,
             process_request=self._check_handshake,
+            select_subprotocol=_select_subprotocol,
             max_size=MAX_APPEND_BYTES * 2,
             compression=None,
+            create_connection=Connection,
         )
-        ws_port = self._ws_server.sockets[0].getsockname()[1]
-        self._http_server = await asyncio.start_server(self._serve_http, host, rest_port)
-        http_port = self._http_server.sockets[0].getsockname()[1]
-        self.url = f"ws://{host}:{ws_port}{REALTIME_PATH}"
-        self.base_url = f"http://{host}:{http_port}"
+        bound = self._ws_server.sockets[0].getsockname()[1]
+        self.url = f"ws://{host}:{bound}{REALTIME_PATH}"
+        self.base_url = f"http://{host}:{bound}"
 
     async def stop(self) -> None:
-        if self._http_server is not None:
-            self._http_server.close()
-            for task in list(self._http_tasks):
-                task.cancel()
-            await self._http_server.wait_closed()
         if self._ws_server is not None:
             self._ws_server.close()
             await self._ws_server.wait_closed()
@@ -1485,9 +1620,15 @@ class RealtimeSimulator:
         target = urlsplit(request.path)
         if target.path != REALTIME_PATH:
             return _json_response(connection, 404, _api_error(f"Invalid URL (GET {target.path})", None))
-        token = _bearer(request.headers.get("Authorization"))
+        token = _credential(request)
         if self._authorised(token) is None:
             return _json_response(connection, 401, _auth_failure(token))
+        offered = _subprotocols(request)
+        if any(p.startswith(KEY_SUBPROTOCOL_PREFIX) for p in offered) and REALTIME_SUBPROTOCOL not in offered:
+            body = _api_error(
+                "Offer the 'realtime' subprotocol with the key subprotocol.", "invalid_subprotocol"
+            )
+            return _json_response(connection, 400, body)
         if not parse_qs(target.query).get("model"):
             body = _api_error(
                 "Missing required parameter: 'model'.", "missing_required_parameter", param="model"
@@ -1499,8 +1640,12 @@ class RealtimeSimulator:
         request = ws.request
         assert request is not None
         model = parse_qs(urlsplit(request.path).query)["model"][0]
-        granted = self._authorised(_bearer(request.headers.get("Authorization"))) or {}
-        record = SimSession(beta_header=request.headers.get("OpenAI-Beta", "").startswith("realtime"))
+        token = _credential(request)
+        granted = self._authorised(token) or {}
+        beta = request.headers.get("OpenAI-Beta", "").startswith("realtime") or (
+            BETA_SUBPROTOCOL in _subprotocols(request)
+        )
+        record = SimSession(beta_header=beta, client_secret=token if token in self._secrets else None)
         self.sessions.append(record)
         granted = {k: v for k, v in granted.items() if k not in ("id", "object")}
         config = {**_merge(default_session(model), granted), "model": model}
@@ -1515,54 +1660,6 @@ class RealtimeSimulator:
 
     # REST
 
-    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """A minimal HTTP/1.1 server (h11) for `POST /v1/realtime/client_secrets`."""
-        task = asyncio.current_task()
-        if task is not None:
-            self._http_tasks.add(task)
-        conn = h11.Connection(h11.SERVER)
-        request: h11.Request | None = None
-        body = bytearray()
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await reader.read(65536))
-                    continue
-                if isinstance(event, h11.Request):
-                    request, body = event, bytearray()
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                    if len(body) > MAX_REST_BODY_BYTES:
-                        break
-                elif isinstance(event, h11.EndOfMessage) and request is not None:
-                    status, payload = self.rest(
-                        request.method.decode(),
-                        request.target.decode(),
-                        {k.decode().lower(): v.decode() for k, v in request.headers},
-                        bytes(body),
-                    )
-                    data = json.dumps(payload).encode()
-                    headers = [("content-type", "application/json"), ("content-length", str(len(data)))]
-                    reason = http.HTTPStatus(status).phrase.encode()
-                    response = h11.Response(status_code=status, headers=headers, reason=reason)
-                    writer.write(conn.send(response) or b"")
-                    writer.write(conn.send(h11.Data(data=data)) or b"")
-                    writer.write(conn.send(h11.EndOfMessage()) or b"")
-                    await writer.drain()
-                    if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                        break
-                    conn.start_next_cycle()
-                else:
-                    break
-        except (h11.ProtocolError, ConnectionError):
-            pass
-        finally:
-            self._http_tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
     def rest(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> tuple[int, Json]:
         """Answers one REST request: (status, JSON body). Only client secrets are served."""
         path = urlsplit(target).path
@@ -1570,6 +1667,9 @@ class RealtimeSimulator:
             return 404, _api_error(f"Invalid URL ({method} {path})", None)
         if method != "POST":
             return 405, _api_error(f"Method {method} not allowed.", None)
+        if self.reject_client_secrets_status is not None:
+            status = self.reject_client_secrets_status
+            return status, HANDSHAKE_ERRORS.get(status, _api_error(http.HTTPStatus(status).phrase, None))
         token = _bearer(headers.get("authorization"))
         if token is None or not secrets.compare_digest(token, self.api_key):
             return 401, _auth_failure(token)
@@ -1611,8 +1711,7 @@ def main(argv: list[str]) -> int:
         prog="python -m bot sim realtime", description="A local OpenAI Realtime API simulator."
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="WebSocket port (0: any free port)")
-    parser.add_argument("--rest-port", type=int, default=0, help="port for POST /v1/realtime/client_secrets")
+    parser.add_argument("--port", type=int, default=0, help="port for the WebSocket and REST (0: any free)")
     parser.add_argument("--scenario", default="washers", help="scenario JSON file, or a bundled name")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or "sk-sim-test")
     parser.add_argument("--audio-speed", type=float, default=DEFAULT_AUDIO_SPEED, help="times real time")
@@ -1624,7 +1723,7 @@ def main(argv: list[str]) -> int:
     async def run() -> None:
         stopping = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
-        await sim.start(args.host, args.port, args.rest_port)
+        await sim.start(args.host, args.port)
         print(f"OPENAI_REALTIME_URL={sim.url}\nOPENAI_BASE_URL={sim.base_url}", flush=True)
         try:
             await stopping.wait()
