@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import sys
 import time
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 MAX_WEBHOOK_BODY_BYTES = 64 * 1024
 TWIML_MEDIA_TYPE = "text/xml"
+# How long a browser waits when OpenAI is busy and did not say (it usually sends Retry-After).
+BUSY_RETRY_AFTER_S = 2
+MAX_RETRY_AFTER_S = 60
 
 
 def create_app(
@@ -248,17 +252,9 @@ def twilio_signature_is_valid(request: Request, form: FormData, settings: Settin
 async def browser_session(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
-    origin = request.headers.get("origin")
-    if origin is not None and origin.rstrip("/") not in settings.cors_origins:
-        return JSONResponse({"error": "origin not allowed"}, status_code=403)
-    cors = cors_headers(origin)
-    if request.method == "OPTIONS":
-        return Response(status_code=204, headers={**cors, **PREFLIGHT_HEADERS})
-    client = request.client.host if request.client else "unknown"
-    wait_s = runtime.session_limiter.hit(client)
-    if wait_s is not None:
-        headers = {**cors, "Retry-After": str(int(wait_s))}
-        return JSONResponse({"error": "too many requests"}, status_code=429, headers=headers)
+    refusal, cors = guard_browser_request(request, runtime.session_limiter, "GET, OPTIONS")
+    if refusal is not None:
+        return refusal
     if not settings.openai_enabled:
         return JSONResponse(
             {"error": "the Realtime API is not configured on this server (OPENAI_API_KEY)"},
@@ -271,15 +267,47 @@ async def browser_session(request: Request) -> Response:
         secret = await mint_client_secret(runtime.http, settings)
     except OpenAIRefused as exc:
         log.warning("OpenAI refused a client secret", extra={"status": exc.status})
+        if exc.temporary:
+            wait_s = min(MAX_RETRY_AFTER_S, math.ceil(exc.retry_after_s or BUSY_RETRY_AFTER_S))
+            body = {"error": f"OpenAI is busy, try again shortly: {exc.message}"}
+            return JSONResponse(body, 503, headers={**no_store, "Retry-After": str(wait_s)})
         return JSONResponse({"error": f"OpenAI refused: {exc.message}"}, 502, headers=no_store)
     except OpenAIUnreachable as exc:
         log.warning("OpenAI unreachable for a client secret: %s", exc)
         return JSONResponse({"error": "OpenAI did not answer"}, status_code=504, headers=no_store)
-    return JSONResponse(secret, headers=no_store)
+    # Where the secret is valid, so a browser needs one request to (re)connect.
+    return JSONResponse({**secret, "realtime_url": settings.realtime_connect_url}, headers=no_store)
+
+
+def guard_browser_request(
+    request: Request, limiter: SlidingWindowLimiter, methods: str
+) -> tuple[Response | None, dict[str, str]]:
+    """The checks every browser endpoint makes: (a refusal or preflight answer, CORS headers).
+
+    The app's own page is always allowed; other origins only when listed in CORS_ORIGINS.
+    """
+    runtime: Runtime = request.app.state.runtime
+    origin = request.headers.get("origin")
+    if origin is not None and not origin_allowed(origin, request, runtime.settings):
+        return JSONResponse({"error": "origin not allowed"}, status_code=403), {}
+    cors = cors_headers(origin)
+    if request.method == "OPTIONS":
+        preflight = {**PREFLIGHT_HEADERS, "Access-Control-Allow-Methods": methods}
+        return Response(status_code=204, headers={**cors, **preflight}), cors
+    client = request.client.host if request.client else "unknown"
+    wait_s = limiter.hit(client)
+    if wait_s is not None:
+        headers = {**cors, "Retry-After": str(int(wait_s))}
+        return JSONResponse({"error": "too many requests"}, status_code=429, headers=headers), cors
+    return None, cors
+
+
+def origin_allowed(origin: str, request: Request, settings: Settings) -> bool:
+    origin = origin.rstrip("/")
+    return origin in settings.cors_origins or origin == public_base_url(request, settings)
 
 
 PREFLIGHT_HEADERS = {
-    "Access-Control-Allow-Methods": "GET, OPTIONS",
     "Access-Control-Allow-Headers": "Content-Type",
     "Access-Control-Max-Age": "600",
 }

@@ -8,6 +8,7 @@ import httpx
 
 from bot.realtime import session_config
 from bot.settings import Settings
+from bot.tools import BROWSER_AGENT
 
 CLIENT_SECRET_TTL_S = 600
 OPENAI_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
@@ -16,10 +17,21 @@ OPENAI_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 class OpenAIRefused(Exception):
     """OpenAI answered with an error; `message` is its own explanation."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self, status: int, message: str, *, code: str | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(f"OpenAI answered {status}: {message}")
         self.status = status
         self.message = message
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+    @property
+    def temporary(self) -> bool:
+        """Rate limited or overloaded: the same request may work in a moment (an empty quota won't)."""
+        if self.status == 429:
+            return self.code != "insufficient_quota"
+        return self.status >= 500
 
 
 class OpenAIUnreachable(Exception):
@@ -27,11 +39,11 @@ class OpenAIUnreachable(Exception):
 
 
 def client_secret_request(settings: Settings) -> dict[str, Any]:
-    """The same agent as on the phone, in the browser's audio format (PCM16; WebRTC negotiates)."""
+    """The phone's agent minus the phone (see BROWSER_AGENT), in the browser's PCM16 audio."""
     browser = settings.model_copy(update={"audio_format": "pcm16"})
     return {
         "expires_after": {"anchor": "created_at", "seconds": CLIENT_SECRET_TTL_S},
-        "session": {**session_config(browser), "model": settings.realtime_model},
+        "session": {**session_config(browser, BROWSER_AGENT), "model": settings.realtime_model},
     }
 
 
@@ -52,14 +64,20 @@ async def mint_client_secret(http: httpx.AsyncClient, settings: Settings) -> dic
     except ValueError:
         body = None
     if response.status_code != 200 or not isinstance(body, dict) or "value" not in body:
-        raise OpenAIRefused(response.status_code, _error_message(body, response))
+        error = body.get("error") if isinstance(body, dict) else None
+        error = error if isinstance(error, dict) else {}
+        message, code = error.get("message"), error.get("code")
+        raise OpenAIRefused(
+            response.status_code,
+            message if isinstance(message, str) else response.reason_phrase or "unexpected answer",
+            code=code if isinstance(code, str) else None,
+            retry_after_s=_seconds(response.headers.get("retry-after")),
+        )
     return body
 
 
-def _error_message(body: object, response: httpx.Response) -> str:
-    if isinstance(body, dict):
-        error = body.get("error")
-        message = error.get("message") if isinstance(error, dict) else None
-        if isinstance(message, str):
-            return message
-    return response.reason_phrase or "unexpected answer"
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None

@@ -14,6 +14,7 @@ from bot.realtime import session_config
 from bot.settings import Settings, load_settings
 from bot.sim.realtime import RealtimeSimulator, Scenario
 from bot.sim.server import LocalServer
+from bot.tools import BROWSER_AGENT, PHONE_AGENT
 
 pytestmark = pytest.mark.anyio
 
@@ -50,23 +51,41 @@ async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
-async def test_a_browser_gets_a_fresh_secret_for_the_phone_agents_session(
+async def test_a_browser_gets_a_fresh_secret_for_the_browser_agent_and_where_to_use_it(
     openai_sim: RealtimeSimulator,
 ) -> None:
-    async for client in app_client(make_settings(openai_sim)):
+    settings = make_settings(openai_sim)
+    async for client in app_client(settings):
         first = await client.get("/session", headers={"Origin": ALLOWED})
         second = await client.get("/session", headers={"Origin": ALLOWED})
     assert first.status_code == 200
     body = first.json()
     assert body["value"].startswith("ek_")
     assert body["value"] != second.json()["value"], "a secret is never cached"
+    assert body["realtime_url"] == settings.realtime_connect_url
     assert first.headers["cache-control"] == "no-store"
     assert first.headers["access-control-allow-origin"] == ALLOWED
-    phone_session = session_config(make_settings(openai_sim))
-    assert body["session"]["instructions"] == phone_session["instructions"]
-    assert [t["name"] for t in body["session"]["tools"]] == [t["name"] for t in phone_session["tools"]]
+    phone_session = session_config(settings)
+    assert body["session"]["instructions"] == BROWSER_AGENT.instructions
+    assert [t["name"] for t in body["session"]["tools"]] == ["search_products", "show_products"]
     assert body["session"]["audio"]["output"]["voice"] == phone_session["audio"]["output"]["voice"]
+    assert body["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
     assert SIM_KEY not in first.text
+
+
+def test_the_browser_agent_is_the_phone_agent_minus_the_phone() -> None:
+    phone = {t["name"]: t for t in PHONE_AGENT.tools}
+    browser = {t["name"]: t for t in BROWSER_AGENT.tools}
+    assert set(browser) == {"search_products", "show_products"}
+    for key in ("required", "additionalProperties"):
+        assert browser["search_products"]["parameters"][key] == phone["search_products"]["parameters"][key]
+    assert browser["search_products"]["parameters"]["properties"].keys() == (
+        phone["search_products"]["parameters"]["properties"].keys()
+    )
+    for line in ("Never read out SKUs, links, web addresses, JSON", "one or two short sentences"):
+        assert line in PHONE_AGENT.instructions and line in BROWSER_AGENT.instructions
+    for phone_only in ("send_product_details", "transfer_to_person", "end_call", "text the"):
+        assert phone_only not in BROWSER_AGENT.instructions
 
 
 async def test_an_openai_refusal_becomes_502_with_openais_reason(openai_sim: RealtimeSimulator) -> None:
@@ -76,6 +95,26 @@ async def test_an_openai_refusal_becomes_502_with_openais_reason(openai_sim: Rea
     assert "OpenAI refused" in response.json()["error"]
     assert "key" in response.json()["error"].lower()
     assert "sk-wrong" not in response.text
+
+
+async def test_a_busy_openai_becomes_503_with_retry_after(openai_sim: RealtimeSimulator) -> None:
+    openai_sim.reject_client_secrets_status = 503
+    async for client in app_client(make_settings(openai_sim)):
+        busy = await client.get("/session")
+        openai_sim.reject_client_secrets_status = None
+        recovered = await client.get("/session")
+    assert busy.status_code == 503
+    assert "busy" in busy.json()["error"] and int(busy.headers["retry-after"]) >= 1
+    assert recovered.status_code == 200
+
+
+async def test_an_exhausted_quota_is_a_refusal_not_a_retry(openai_sim: RealtimeSimulator) -> None:
+    openai_sim.reject_client_secrets_status = 429
+    async for client in app_client(make_settings(openai_sim)):
+        response = await client.get("/session")
+    assert response.status_code == 502
+    assert "quota" in response.json()["error"]
+    assert "retry-after" not in response.headers
 
 
 async def test_an_unreachable_openai_becomes_504() -> None:
@@ -123,6 +162,14 @@ async def test_a_refused_origin_gets_403_and_no_cors_header(openai_sim: Realtime
     for response in (preflight, simple):
         assert response.status_code == 403
         assert "access-control-allow-origin" not in response.headers
+
+
+async def test_the_apps_own_page_is_allowed_without_cors_origins(openai_sim: RealtimeSimulator) -> None:
+    async for client in app_client(make_settings(openai_sim, CORS_ORIGINS="")):
+        own_origin = str(client.base_url).rstrip("/")
+        response = await client.get("/session", headers={"Origin": own_origin})
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == own_origin
 
 
 async def test_no_origin_is_allowed_by_default(openai_sim: RealtimeSimulator) -> None:
