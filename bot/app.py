@@ -1,4 +1,4 @@
-"""The web app: Twilio's voice webhook, the Media Streams socket, browser tokens, health.
+"""The web app: Twilio's voice webhook, the Media Streams socket, the browser assistant, health.
 
 Routes are listed first; each handler is short and hands real work to its module.
 """
@@ -16,8 +16,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import uvicorn
@@ -25,8 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
@@ -39,7 +41,7 @@ from bot.logs import CallLog, configure_logging, mask_phone
 from bot.ratelimit import SlidingWindowLimiter
 from bot.settings import Settings, SettingsError, load_settings
 from bot.stream_token import mint_stream_token
-from bot.tools import StoreTools
+from bot.tools import BrowserTools, StoreTools
 from bot.twilio_rest import TwilioRest
 from bot.twilio_stream import MAX_MESSAGE_BYTES
 from bot.twiml import render_fallback_twiml, render_stream_twiml, render_transfer_twiml
@@ -47,7 +49,9 @@ from bot.twiml import render_fallback_twiml, render_stream_twiml, render_transfe
 log = logging.getLogger(__name__)
 
 MAX_WEBHOOK_BODY_BYTES = 64 * 1024
+MAX_TOOL_REQUEST_BYTES = 16 * 1024
 TWIML_MEDIA_TYPE = "text/xml"
+ASSISTANT_DIR = Path(__file__).parent / "web" / "assistant"
 # How long a browser waits when OpenAI is busy and did not say (it usually sends Retry-After).
 BUSY_RETRY_AFTER_S = 2
 MAX_RETRY_AFTER_S = 60
@@ -60,6 +64,9 @@ def create_app(
     routes = [
         Route("/twiml/voice", voice_webhook, methods=["POST"]),
         Route("/session", browser_session, methods=["GET", "OPTIONS"]),
+        Route("/", assistant_page, methods=["GET"]),
+        Route("/assistant/tools/{name}", assistant_tool, methods=["POST", "OPTIONS"]),
+        Mount("/assistant", app=StaticFiles(directory=ASSISTANT_DIR), name="assistant"),
         Route("/healthz", healthz, methods=["GET"]),
         WebSocketRoute("/media-stream", media_stream),
     ]
@@ -76,7 +83,9 @@ class Runtime:
     clock: Callable[[], float]
     stream_key: bytes = b""
     session_limiter: SlidingWindowLimiter = field(init=False)
+    tools_limiter: SlidingWindowLimiter = field(init=False)
     catalog: Catalog | None = None
+    browser_tools: BrowserTools | None = None
     http: httpx.AsyncClient | None = None
     bridge: BridgeDeps | None = None
     outbox: Outbox | None = None
@@ -85,6 +94,9 @@ class Runtime:
         self.stream_key = stream_signing_key(self.settings)
         self.session_limiter = SlidingWindowLimiter(
             self.settings.session_rate_limit_per_minute, 60.0, clock=self.clock
+        )
+        self.tools_limiter = SlidingWindowLimiter(
+            self.settings.assistant_tools_rate_limit_per_minute, 60.0, clock=self.clock
         )
 
     def degraded(self) -> dict[str, str]:
@@ -127,6 +139,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                 transfer_enabled=settings.features()["transfer"],
             )
             runtime.http, runtime.outbox = http, outbox
+            runtime.browser_tools = BrowserTools(catalog, media_base_url=settings.media_base_url)
             runtime.bridge = BridgeDeps(
                 settings=settings,
                 stream_key=runtime.stream_key,
@@ -145,6 +158,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
                 runtime.http = runtime.outbox = runtime.bridge = None
+                runtime.browser_tools = None
 
 
 async def media_stream(websocket: WebSocket) -> None:
@@ -318,6 +332,70 @@ def cors_headers(origin: str | None) -> dict[str, str]:
     if origin is None:
         return {"Vary": "Origin"}
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+
+
+# --- GET / and POST /assistant/tools/{name}: the browser assistant -----------------------
+
+
+async def assistant_page(request: Request) -> Response:
+    """The page; its scripts, styles and worklets come from /assistant/ (this app only)."""
+    settings: Settings = request.app.state.runtime.settings
+    headers = {"Content-Security-Policy": page_policy(settings), "Cache-Control": "no-cache"}
+    return FileResponse(ASSISTANT_DIR / "index.html", headers=headers)
+
+
+def page_policy(settings: Settings) -> str:
+    """Code only from this app; sockets to this app and the Realtime API; pictures from anywhere."""
+    realtime = urlsplit(settings.openai_realtime_url)
+    return "; ".join(
+        (
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "img-src 'self' data: https: http:",
+            f"connect-src 'self' {realtime.scheme}://{realtime.netloc}",
+            "base-uri 'none'",
+            "form-action 'self'",
+            "frame-ancestors 'self'",
+        )
+    )
+
+
+class ToolCallRequest(BaseModel):
+    """A tool call the model made in a browser's session: its arguments exactly as sent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arguments: str = Field(max_length=MAX_TOOL_REQUEST_BYTES)
+
+
+async def assistant_tool(request: Request) -> Response:
+    """Runs a browser-safe tool; answers the output the page then gives the model, verbatim."""
+    runtime: Runtime = request.app.state.runtime
+    refusal, cors = guard_browser_request(request, runtime.tools_limiter, "POST, OPTIONS")
+    if refusal is not None:
+        return refusal
+    assert runtime.browser_tools is not None, "the app's lifespan builds the browser tools"
+    name = request.path_params["name"]
+    headers = {**cors, "Cache-Control": "no-store"}
+    if name not in BrowserTools.names:
+        result = await runtime.browser_tools.run(name, "{}")
+        body = {"error": f"no browser tool named {name[:64]!r}", "output": result.output}
+        return JSONResponse(body, status_code=404, headers=headers)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        return JSONResponse({"error": "send JSON (Content-Type: application/json)"}, 415, headers=cors)
+    declared = request.headers.get("content-length", "")
+    if not declared.isdigit() or int(declared) > MAX_TOOL_REQUEST_BYTES:
+        return JSONResponse({"error": "the request body is missing or too large"}, 413, headers=cors)
+    try:
+        call = ToolCallRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        reason = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": f"not a tool call ({reason})"}, status_code=422, headers=cors)
+    result = await runtime.browser_tools.run(name, call.arguments)
+    collection = result.collection.model_dump(mode="json") if result.collection else None
+    return JSONResponse({"output": result.output, "collection": collection}, headers=headers)
 
 
 # --- GET /healthz ----------------------------------------------------------------------

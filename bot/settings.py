@@ -46,6 +46,9 @@ class Settings(BaseModel):
     public_url: str | None = Field(None, alias="PUBLIC_URL")
     cors_origins: tuple[str, ...] = Field((), alias="CORS_ORIGINS")
     session_rate_limit_per_minute: int = Field(10, alias="SESSION_RATE_LIMIT_PER_MINUTE", ge=1)
+    assistant_tools_rate_limit_per_minute: int = Field(
+        60, alias="ASSISTANT_TOOLS_RATE_LIMIT_PER_MINUTE", ge=1
+    )
     stream_token_ttl_s: int = Field(120, alias="STREAM_TOKEN_TTL_S", ge=10, le=3600)
     stream_signing_key: str | None = Field(None, alias="STREAM_SIGNING_KEY")
 
