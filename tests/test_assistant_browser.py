@@ -271,6 +271,10 @@ async def test_typing_over_the_bot_stops_its_voice_and_truncates_at_what_was_hea
         await eventually(lambda: bool(session.truncations), "the truncate")
         (_, content_index, heard_ms) = session.truncations[0]
         assert content_index == 0 and 1000 <= heard_ms < 2500, heard_ms
+        sent = session.events_received
+        questions = [i for i, event in enumerate(sent) if event.get("item", {}).get("role") == "user"]
+        truncate = next(i for i, event in enumerate(sent) if event["type"] == "conversation.item.truncate")
+        assert truncate < questions[1], "cut before the model reads the next question"
         await shown_cards(page, 3)
         await playwright_api.expect(page.locator(".card").first).to_have_attribute("data-sku", DRYER_SKUS[0])
 

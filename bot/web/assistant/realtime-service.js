@@ -118,22 +118,24 @@ export class RealtimeService {
     this.#emit("onDisconnected", { reason: "disconnected", reconnecting: false });
   }
 
-  /** Sends a typed question; the bot answers it (interrupting itself if it was speaking). */
+  /** Sends a typed question; the bot answers it, interrupting itself if it was still speaking.
+   * Throws at once when there is nothing to send or no session; resolves once the question is sent. */
   sendMessage(text) {
     const question = String(text ?? "").trim();
     if (question === "") throw new Error("Type a question first.");
     if (!this.#status.hasSession) throw new ConnectionError("Not connected yet: wait a moment and try again.");
     this.#audio.unlock();
-    this.#bargeIn(); // a new question: the user is done listening to the last answer
     if (this.#responseActive) this.#send({ type: "response.cancel" });
-    this.#send({
-      type: "conversation.item.create",
-      item: { type: "message", role: "user", content: [{ type: "input_text", text: question }] },
-    });
-    const id = `typed-${++this.#localIds}`;
-    this.#emit("onMessage", { id, role: "user", text: question, done: true });
+    this.#emit("onMessage", { id: `typed-${++this.#localIds}`, role: "user", text: question, done: true });
     this.#remember("user", question);
-    this.#requestResponse();
+    const generation = this.#generation;
+    // The user is done listening: cut the voice, and the model's copy of it, before it reads the question.
+    return this.#bargeIn().then(() => {
+      if (generation !== this.#generation) return;
+      const content = [{ type: "input_text", text: question }];
+      this.#send({ type: "conversation.item.create", item: { type: "message", role: "user", content } });
+      this.#requestResponse();
+    });
   }
 
   getConnectionStatus() {
