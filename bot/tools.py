@@ -540,19 +540,23 @@ class BrowserTools:
         try:
             if name == "search_products":
                 query = parse_arguments(SearchArgs, arguments)
-                return BrowserToolResult(await asyncio.to_thread(search_catalog, self._catalog, query))
-            if name == "show_products":
-                return self.show_products(parse_arguments(ShowArgs, arguments))
+                result = BrowserToolResult(await asyncio.to_thread(search_catalog, self._catalog, query))
+            elif name == "show_products":
+                result = self.show_products(parse_arguments(ShowArgs, arguments))
+            else:
+                log.warning("unknown browser tool requested", extra={"tool": name[:64]})
+                error = f"there is no tool named {name[:64]!r}; the tools are {', '.join(self.names)}"
+                return BrowserToolResult(_output(error=error))
         except BadArguments as exc:
             log.warning("bad browser tool arguments", extra={"tool": name, "reason": str(exc)})
-            error = f"{name}: {exc}. Fix the arguments and call it again."
+            return BrowserToolResult(_output(error=f"{name}: {exc}. Fix the arguments and call it again."))
         except Exception:
             log.exception("browser tool failed", extra={"tool": name})
-            error = f"{name} failed unexpectedly. Apologize and offer another way to help."
-        else:
-            known = ", ".join(self.names)
-            error = f"there is no tool named {name[:64]!r}; the tools are {known}"
-        return BrowserToolResult(_output(error=error))
+            message = f"{name} failed unexpectedly. Apologize and offer another way to help."
+            return BrowserToolResult(_output(error=message))
+        shown = len(result.collection.JsonData.products) if result.collection else 0
+        log.info("browser tool ran", extra={"tool": name, "products_shown": shown})
+        return result
 
     def show_products(self, args: ShowArgs) -> BrowserToolResult:
         """The known products go to the page with links it can open; the model gets their names."""
