@@ -341,7 +341,9 @@ async def test_after_the_socket_drops_the_page_reconnects_with_a_new_secret_and_
         fresh = page.locator(".card:not(.old)")
         await playwright_api.expect(fresh).to_have_count(3, timeout=WAIT_S * 1000)
         assert_cards_match_the_catalog(await shown_cards(page, 3), catalog, WASHER_SKUS)
-        assert len(sim.sessions[1].tool_outputs) == 2
+        await eventually(lambda: len(sim.sessions[1].tool_outputs) == 2, "the tool outputs")
+        answers = page.locator(".message.assistant").filter(has_text="on your screen")
+        await playwright_api.expect(answers).to_have_count(2, timeout=WAIT_S * 1000)
         await page.screenshot(path=tmp_path / "reconnected.png")
 
 
