@@ -11,6 +11,7 @@ import asyncio
 import audioop
 import contextlib
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -377,3 +378,42 @@ async def test_a_refused_session_shows_why_and_the_page_recovers_when_it_can(
         await ask(page, "Show me washing machines")
         assert_cards_match_the_catalog(await shown_cards(page, 3), catalog, WASHER_SKUS)
         await page.screenshot(path=tmp_path / "recovered.png")
+
+
+# --- the worklets' resampler, alone --------------------------------------------------------
+
+TONE_GAINS_JS = """
+([inputRate, outputRate, tones]) => tones.map((hz) => {
+  const resampler = new Resampler(inputRate, outputRate);
+  const output = [];
+  for (let start = 0; start < inputRate / 2; start += 128) {
+    const block = new Float32Array(128);
+    for (let i = 0; i < 128; i++) block[i] = 0.5 * Math.sin((2 * Math.PI * hz * (start + i)) / inputRate);
+    for (const sample of resampler.push(block)) output.push(sample);
+  }
+  const settled = output.slice(outputRate / 10);
+  return Math.sqrt(settled.reduce((sum, v) => sum + v * v, 0) / settled.length) / (0.5 / Math.SQRT2);
+})
+"""
+SPEECH_HZ = [300, 1000, 3400, 8000, 9000]
+ALIAS_HZ = [13000, 14000, 16000, 20000]  # above 12 kHz: would fold back onto 4-11 kHz at 24 kHz
+
+
+async def test_the_worklets_resampler_keeps_speech_and_rejects_aliases() -> None:
+    source = (Path(__file__).parent.parent / "bot/web/assistant/audio-worklets.js").read_text()
+    stubs = "globalThis.sampleRate = 48000; class AudioWorkletProcessor {} function registerProcessor() {}\n"
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            await page.add_script_tag(content=stubs + source)
+            for rates in ((48000, 24000), (44100, 24000), (24000, 48000), (24000, 44100)):
+                gains = await page.evaluate(TONE_GAINS_JS, [*rates, SPEECH_HZ])
+                for hz, gain in zip(SPEECH_HZ, gains, strict=True):
+                    assert 20 * math.log10(gain) == pytest.approx(0, abs=0.1), (rates, hz)
+                if rates[1] < rates[0]:
+                    gains = await page.evaluate(TONE_GAINS_JS, [*rates, ALIAS_HZ])
+                    for hz, gain in zip(ALIAS_HZ, gains, strict=True):
+                        assert 20 * math.log10(max(gain, 1e-9)) < -70, (rates, hz)
+        finally:
+            await browser.close()

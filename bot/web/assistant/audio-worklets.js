@@ -3,9 +3,9 @@
 // filter, so the device may run at any rate (48 kHz, 44.1 kHz, ...) without aliasing.
 // Loaded with audioWorklet.addModule(); `sampleRate` is the AudioContext's rate.
 
-const ZERO_CROSSINGS = 8; // filter half-length, in zero crossings of the sinc
+const ZERO_CROSSINGS = 16; // filter half-length, in zero crossings of the sinc
 const PHASES = 256; // fractional positions tabulated between two input samples
-const PASSBAND = 0.92; // cut-off as a fraction of the lower Nyquist frequency
+const PASSBAND = 0.9; // cut-off (-6 dB) as a fraction of the lower Nyquist frequency
 
 function blackman(u) {
   return Math.abs(u) >= 1 ? 0 : 0.42 + 0.5 * Math.cos(Math.PI * u) + 0.08 * Math.cos(2 * Math.PI * u);
