@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import httpx
@@ -71,13 +72,15 @@ async def mint_client_secret(http: httpx.AsyncClient, settings: Settings) -> dic
             response.status_code,
             message if isinstance(message, str) else response.reason_phrase or "unexpected answer",
             code=code if isinstance(code, str) else None,
-            retry_after_s=_seconds(response.headers.get("retry-after")),
+            retry_after_s=retry_after_seconds(response.headers.get("retry-after")),
         )
     return body
 
 
-def _seconds(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After in seconds; None when absent or not a number (the HTTP-date form included)."""
     try:
-        return max(0.0, float(value)) if value is not None else None
+        seconds = float(value) if value is not None else math.nan
     except ValueError:
         return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None

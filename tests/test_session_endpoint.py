@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from bot.app import create_app
+from bot.ephemeral import retry_after_seconds
 from bot.realtime import session_config
 from bot.settings import Settings, load_settings
 from bot.sim.realtime import RealtimeSimulator, Scenario
@@ -176,3 +177,12 @@ async def test_no_origin_is_allowed_by_default(openai_sim: RealtimeSimulator) ->
     async for client in app_client(make_settings(openai_sim, CORS_ORIGINS="")):
         response = await client.get("/session", headers={"Origin": ALLOWED})
     assert response.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [(None, None), ("3", 3.0), ("0.5", 0.5), ("inf", None), ("nan", None), ("-1", None),
+     ("Wed, 21 Oct 2015 07:28:00 GMT", None)],
+)  # fmt: skip
+def test_only_a_sane_retry_after_from_openai_is_passed_on(header: str | None, seconds: float | None) -> None:
+    assert retry_after_seconds(header) == seconds
