@@ -13,7 +13,13 @@ import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# uvicorn passes `color_message` (its message with ANSI colour codes) for its own console
+# formatter; our lines carry the plain `msg` only.
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 def mask_phone(number: str | None) -> str:
