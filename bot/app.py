@@ -128,7 +128,6 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     catalog = runtime.catalog
     if catalog is None:
         catalog = await asyncio.to_thread(Catalog.load, settings.catalog_path)
-    log.info("catalog loaded", extra={"products": len(catalog), "issues": len(catalog.issues)})
     async with httpx.AsyncClient(follow_redirects=False) as http:
         twilio = TwilioRest.from_settings(settings, http)
         async with running_delivery(settings, http, twilio=twilio) as outbox:

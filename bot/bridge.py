@@ -476,7 +476,6 @@ class CallBridge:
             result = ToolResult(
                 json.dumps({"error": "The tool failed. Apologise and offer to help otherwise."})
             )
-        self.log.info("tool ran", extra={"tool": action.name, "action": result.action})
         self._dispatch(self.call.on_tool_result(action.call_id, result, self._now_ms()))
 
     async def _transfer(self, action: Transfer) -> None:

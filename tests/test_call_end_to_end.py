@@ -5,6 +5,7 @@ the real tools search the sample catalog. What the caller heard must be the bot'
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 from pathlib import Path
 
@@ -91,3 +92,20 @@ async def test_a_scripted_call_from_greeting_to_hang_up(tmp_path: Path, audio_fo
     loud = np.flatnonzero(np.abs(samples) > 500)
     greeting = samples[loud[0] : loud[0] + 4000]
     assert best_correlation(greeting, bot_voice_at_8khz()[:16000]) > SPEECH_CORRELATION_MIN
+
+
+async def test_a_call_logs_the_catalog_load_and_each_tool_run_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with SimStack(SCENARIO) as stack:
+        call = await stack.dial(pace=False)
+        await call.wait_for_audio(5.0, min_ms=1000)
+        await call.wait_until_quiet(500, 10.0)
+        await call.say(WASHERS)
+        await call.wait_for_audio(10.0, min_ms=1000)
+        await call.hang_up()
+        [(_, _)] = stack.realtime.sessions[0].tool_outputs
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages.count("catalog loaded") == 1
+    assert messages.count("tool ran") == 1
