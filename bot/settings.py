@@ -6,6 +6,8 @@ only disables the feature that needs it (see `Settings.disabled_features`).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +20,13 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLE_CATALOG_PATH = PACKAGE_DIR / "data" / "catalog.json"
 # Standard Webhooks' suggested schedule, stretched to about three days of retries.
 DEFAULT_WEBHOOK_RETRY_SCHEDULE_S = (5, 300, 1800, 7200, 18000, 36000, 36000, 72000, 86400)
+WEBHOOK_SECRET_PREFIX = "whsec_"
+# Standard Webhooks: a signing key is 24 to 64 random bytes, shared as base64 behind `whsec_`.
+WEBHOOK_KEY_MIN_BYTES = 24
+MAKE_WEBHOOK_SECRET = (
+    "python3 -c \"import base64, secrets; "
+    "print('whsec_' + base64.b64encode(secrets.token_bytes(32)).decode())\""
+)
 
 
 class SettingsError(ValueError):
@@ -132,6 +141,28 @@ class Settings(BaseModel):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
 
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: str | None) -> str | None:
+        """A secret every Standard Webhooks verifier reads the same way, in its `whsec_` form.
+
+        Stock verifiers base64-decode the secret (with or without `whsec_`), so a plain word
+        would sign with bytes no receiver would use: refused here rather than at every delivery.
+        """
+        if value is None:
+            return None
+        encoded = value.removeprefix(WEBHOOK_SECRET_PREFIX)
+        try:
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except binascii.Error:
+            key = b""
+        if len(key) < WEBHOOK_KEY_MIN_BYTES:
+            raise ValueError(
+                f"not a Standard Webhooks secret: expected whsec_ and the base64 of at least "
+                f"{WEBHOOK_KEY_MIN_BYTES} random bytes; make one with {MAKE_WEBHOOK_SECRET}"
+            )
+        return WEBHOOK_SECRET_PREFIX + encoded
+
     @field_validator("store_phone_number", "twilio_from_number")
     @classmethod
     def _check_e164(cls, value: str | None) -> str | None:
@@ -174,18 +205,38 @@ class Settings(BaseModel):
         }
 
     def disabled_features(self) -> dict[str, str]:
-        """Feature name -> the one log line that explains why it is off."""
+        """Feature name -> the one log line that explains why it is off, naming what is unset."""
+        sid = ("TWILIO_ACCOUNT_SID", self.twilio_account_sid)
+        token = ("TWILIO_AUTH_TOKEN", self.twilio_auth_token)
         reasons = {
-            "realtime": "OPENAI_API_KEY is not set: calls get the fallback TwiML, /session answers 503",
-            "twilio_signature_check": (
-                "TWILIO_ACCOUNT_SID/TWILIO_AUTH_TOKEN not set: webhooks cannot be verified and are refused"
+            "realtime": (
+                f"{_unset(('OPENAI_API_KEY', self.openai_api_key))}: "
+                "calls get the fallback TwiML, /session answers 503"
             ),
-            "sms": "TWILIO_FROM_NUMBER (or Twilio credentials) not set: product details are not texted",
-            "call_control": "Twilio credentials not set: calls cannot be transferred or redirected",
-            "webhook": "WEBHOOK_URL/WEBHOOK_SECRET not set: no call-center webhooks are sent",
-            "transfer": "STORE_PHONE_NUMBER not set: the bot cannot transfer callers to a person",
+            "twilio_signature_check": (
+                f"{_unset(sid, token)}: Twilio's requests cannot be verified and are refused (403)"
+            ),
+            "sms": (
+                f"{_unset(sid, token, ('TWILIO_FROM_NUMBER', self.twilio_from_number))}: "
+                "product details are not texted"
+            ),
+            "call_control": f"{_unset(sid, token)}: calls cannot be transferred or redirected",
+            "webhook": (
+                f"{_unset(('WEBHOOK_URL', self.webhook_url), ('WEBHOOK_SECRET', self.webhook_secret))}: "
+                "no call-center webhooks are sent"
+            ),
+            "transfer": (
+                f"{_unset(sid, token, ('STORE_PHONE_NUMBER', self.store_phone_number))}: "
+                "the bot cannot transfer callers to a person"
+            ),
         }
         return {name: reasons[name] for name, on in self.features().items() if not on}
+
+
+def _unset(*settings: tuple[str, str | None]) -> str:
+    """'A is not set' or 'A and B are not set', naming only the variables without a value."""
+    names = [name for name, value in settings if not value]
+    return " and ".join(names) + (" is not set" if len(names) == 1 else " are not set")
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -223,5 +274,6 @@ def load_settings(
             shown = cleaned.get(name, "")
             secret = any(word in name for word in ("KEY", "TOKEN", "SECRET"))
             value = "" if secret else f" (got {shown!r})"
-            lines.append(f"{name}: {error['msg']}{value}")
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"{name}: {message}{value}")
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -1,8 +1,12 @@
+import base64
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from bot.settings import SettingsError, load_settings
+from bot.settings import MAKE_WEBHOOK_SECRET, SettingsError, load_settings
 
 
 def test_defaults_run_locally_with_an_empty_environment() -> None:
@@ -57,3 +61,57 @@ def test_missing_secrets_disable_only_their_features() -> None:
     disabled = settings.disabled_features()
     assert "realtime" not in disabled
     assert {"sms", "webhook", "transfer"} <= set(disabled)
+
+
+STOCK_SECRET = "whsec_" + base64.b64encode(b"a key of thirty-two bytes, random").decode()
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ["mysecret123", "whsec_mysecret123", "whsec_" + base64.b64encode(b"too short").decode()],
+)
+def test_a_webhook_secret_standard_webhooks_verifiers_would_misread_stops_start_up(secret: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({"WEBHOOK_SECRET": secret}, dotenv=None)
+    [line] = str(info.value).splitlines()[1:]
+    assert line.strip().startswith("WEBHOOK_SECRET: ")
+    assert "whsec_" in line and "secrets.token_bytes(32)" in line
+    assert secret.removeprefix("whsec_") not in line
+
+
+def test_a_whsec_secret_is_kept_as_given() -> None:
+    assert load_settings({"WEBHOOK_SECRET": STOCK_SECRET}, dotenv=None).webhook_secret == STOCK_SECRET
+
+
+def test_a_plain_base64_secret_is_read_as_stock_verifiers_read_it() -> None:
+    plain = STOCK_SECRET.removeprefix("whsec_").rstrip("=")
+    settings = load_settings({"WEBHOOK_SECRET": plain}, dotenv=None)
+    assert settings.webhook_secret == "whsec_" + plain
+
+
+def test_the_advice_to_make_a_webhook_secret_makes_one_that_is_accepted() -> None:
+    made = subprocess.run(
+        shlex.split(MAKE_WEBHOOK_SECRET.replace("python3", sys.executable, 1)),
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert load_settings({"WEBHOOK_SECRET": made}, dotenv=None).webhook_secret == made
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({}, "WEBHOOK_URL and WEBHOOK_SECRET are not set"),
+        ({"WEBHOOK_SECRET": STOCK_SECRET}, "WEBHOOK_URL is not set"),
+        ({"WEBHOOK_URL": "https://cc.example.com/hooks"}, "WEBHOOK_SECRET is not set"),
+    ],
+)
+def test_the_webhook_warning_names_the_setting_that_is_missing(env: dict[str, str], reason: str) -> None:
+    disabled = load_settings(env, dotenv=None).disabled_features()
+    assert disabled["webhook"].startswith(reason + ":")
+
+
+def test_the_sms_warning_names_only_what_is_missing() -> None:
+    env = {"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "token"}
+    disabled = load_settings(env, dotenv=None).disabled_features()
+    assert disabled["sms"].startswith("TWILIO_FROM_NUMBER is not set:")
+    assert "twilio_signature_check" not in disabled
