@@ -5,8 +5,8 @@ the real tools search the sample catalog. What the caller heard must be the bot'
 from __future__ import annotations
 
 import asyncio
-import logging
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
