@@ -36,7 +36,7 @@ from bot import __version__
 from bot.bridge import BridgeDeps, serve_media_stream
 from bot.catalog import Catalog, CatalogError
 from bot.delivery import Outbox, running_delivery
-from bot.ephemeral import OpenAIRefused, OpenAIUnreachable, mint_client_secret
+from bot.ephemeral import OpenAIRefused, OpenAITimedOut, OpenAIUnreachable, mint_client_secret
 from bot.logs import CallLog, configure_logging, mask_phone
 from bot.ratelimit import SlidingWindowLimiter
 from bot.settings import Settings, SettingsError, load_settings
@@ -287,7 +287,10 @@ async def browser_session(request: Request) -> Response:
         return JSONResponse({"error": f"OpenAI refused: {exc.message}"}, 502, headers=no_store)
     except OpenAIUnreachable as exc:
         log.warning("OpenAI unreachable for a client secret: %s", exc)
-        return JSONResponse({"error": "OpenAI did not answer"}, status_code=504, headers=no_store)
+        return JSONResponse({"error": f"OpenAI unreachable ({exc})"}, 502, headers=no_store)
+    except OpenAITimedOut as exc:
+        log.warning("OpenAI did not answer a client secret request: %s", exc)
+        return JSONResponse({"error": f"OpenAI did not answer ({exc})"}, 504, headers=no_store)
     # Where the secret is valid, so a browser needs one request to (re)connect.
     return JSONResponse({**secret, "realtime_url": settings.realtime_connect_url}, headers=no_store)
 

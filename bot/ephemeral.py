@@ -12,7 +12,6 @@ from bot.settings import Settings
 from bot.tools import BROWSER_AGENT
 
 CLIENT_SECRET_TTL_S = 600
-OPENAI_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
 
 class OpenAIRefused(Exception):
@@ -36,7 +35,11 @@ class OpenAIRefused(Exception):
 
 
 class OpenAIUnreachable(Exception):
-    """No answer from OpenAI (network error or timeout)."""
+    """No connection to OpenAI (refused, DNS, TLS, dropped); the message says which."""
+
+
+class OpenAITimedOut(Exception):
+    """Connected, but OpenAI did not answer within OPENAI_TIMEOUT_S."""
 
 
 def client_secret_request(settings: Settings) -> dict[str, Any]:
@@ -56,10 +59,12 @@ async def mint_client_secret(http: httpx.AsyncClient, settings: Settings) -> dic
             url,
             json=client_secret_request(settings),
             headers={"Authorization": f"Bearer {settings.openai_api_key}"},
-            timeout=OPENAI_TIMEOUT,
+            timeout=settings.openai_timeout_s,
         )
+    except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:
+        raise OpenAITimedOut(f"no answer within {settings.openai_timeout_s:g} s") from exc
     except httpx.HTTPError as exc:
-        raise OpenAIUnreachable(f"{type(exc).__name__} contacting OpenAI") from exc
+        raise OpenAIUnreachable(f"{type(exc).__name__}: {exc}") from exc
     try:
         body = response.json()
     except ValueError:

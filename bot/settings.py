@@ -41,6 +41,7 @@ class Settings(BaseModel):
     openai_api_key: str | None = Field(None, alias="OPENAI_API_KEY")
     openai_realtime_url: str = Field("wss://api.openai.com/v1/realtime", alias="OPENAI_REALTIME_URL")
     openai_base_url: str = Field("https://api.openai.com", alias="OPENAI_BASE_URL")
+    openai_timeout_s: float = Field(10.0, alias="OPENAI_TIMEOUT_S", gt=0, le=60)
     realtime_model: str = Field("gpt-realtime", alias="REALTIME_MODEL", min_length=1)
     realtime_voice: str = Field("marin", alias="REALTIME_VOICE", min_length=1)
     transcription_model: str = Field("gpt-4o-mini-transcribe", alias="TRANSCRIPTION_MODEL")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import tempfile
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -44,6 +47,28 @@ def make_settings(sim: RealtimeSimulator, **overrides: str) -> Settings:
         "SESSION_RATE_LIMIT_PER_MINUTE": "3",
     }
     return plain_settings(**{**env, **overrides})
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A loopback server that accepts connections and reads, but never answers."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
 
 
 async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
@@ -118,10 +143,25 @@ async def test_an_exhausted_quota_is_a_refusal_not_a_retry(openai_sim: RealtimeS
     assert "retry-after" not in response.headers
 
 
-async def test_an_unreachable_openai_becomes_504() -> None:
-    async for client in app_client(plain_settings(OPENAI_API_KEY="sk-x", OPENAI_BASE_URL="http://127.0.0.1:9")):
+async def test_an_unreachable_openai_becomes_502_saying_unreachable_and_why() -> None:
+    nowhere = f"http://127.0.0.1:{closed_port()}"
+    async for client in app_client(plain_settings(OPENAI_API_KEY="sk-x", OPENAI_BASE_URL=nowhere)):
         response = await client.get("/session")
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error.startswith("OpenAI unreachable (ConnectError")
+    assert "sk-x" not in response.text
+
+
+async def test_an_openai_that_never_answers_becomes_504_after_the_configured_time() -> None:
+    async with silent_server() as port:
+        settings = plain_settings(
+            OPENAI_API_KEY="sk-x", OPENAI_BASE_URL=f"http://127.0.0.1:{port}", OPENAI_TIMEOUT_S="0.3"
+        )
+        async for client in app_client(settings):
+            response = await client.get("/session")
     assert response.status_code == 504
+    assert response.json()["error"] == "OpenAI did not answer (no answer within 0.3 s)"
 
 
 async def test_without_a_key_the_endpoint_says_so_with_503() -> None:
