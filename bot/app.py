@@ -5,7 +5,6 @@ Routes are listed first; each handler is short and hands real work to its module
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -35,6 +34,7 @@ from twilio.request_validator import RequestValidator, get_signature_algorithm
 from bot import __version__
 from bot.bridge import BridgeDeps, serve_media_stream
 from bot.catalog import Catalog, CatalogError
+from bot.cli import CommandParser, port_number
 from bot.delivery import Outbox, running_delivery
 from bot.ephemeral import OpenAIRefused, OpenAITimedOut, OpenAIUnreachable, mint_client_secret
 from bot.logs import CallLog, configure_logging, mask_phone
@@ -423,9 +423,15 @@ async def healthz(request: Request) -> Response:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bot serve", description="Run the voice bot.")
+    parser = CommandParser(
+        prog="python -m bot serve",
+        description=(
+            "Run the voice bot under uvicorn. Settings come from the environment and a .env file "
+            "in the current folder (see the README's Configuration table)."
+        ),
+    )
     parser.add_argument("--host", help="bind address (default: HOST or 0.0.0.0)")
-    parser.add_argument("--port", type=int, help="port (default: PORT or 5052)")
+    parser.add_argument("--port", type=port_number, help="port (default: PORT or 5052)")
     args = parser.parse_args(argv)
     try:
         settings = load_settings()

@@ -277,4 +277,6 @@ def load_settings(
             value = "" if secret else f" (got {shown!r})"
             message = error["msg"].removeprefix("Value error, ")
             lines.append(f"{name}: {message}{value}")
+        if len(lines) == 1:
+            raise SettingsError(f"invalid configuration: {lines[0]}") from None
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
