@@ -32,7 +32,6 @@ import http
 import json
 import logging
 import math
-import os
 import re
 import secrets
 import signal
@@ -57,6 +56,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
+from bot.cli import CommandParser, port_number
+from bot.settings import SettingsError, load_settings
 from bot.wav import read_wav
 
 logger = logging.getLogger(__name__)
@@ -1704,34 +1705,105 @@ def _json_response(connection: ServerConnection, status: int, body: Json) -> Res
 
 # --- command line ---------------------------------------------------------------------------
 
+CLI_PROG = "python -m bot sim realtime"
+CLI_DEFAULT_API_KEY = "sk-sim-test"
+
+
+def bundled_scenarios() -> list[str]:
+    """The scenario names `--scenario` takes without a path."""
+    return sorted(path.stem for path in SCENARIO_DIR.glob("*.json"))
+
+
+def _cli_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(
+        prog=CLI_PROG,
+        description=(
+            "A local OpenAI Realtime API on 127.0.0.1: the GA WebSocket and POST "
+            "/v1/realtime/client_secrets on one port. It speaks the turns of a scripted scenario (what the "
+            "model says and which tools it calls) and accepts one API key: OPENAI_API_KEY from "
+            "the environment or .env (the same setting the bot reads), else "
+            f"{CLI_DEFAULT_API_KEY}. It prints the settings to give the bot, then runs until Ctrl-C."
+        ),
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=port_number, default=0,
+        help="port for the WebSocket and REST (default 0: any free port)",
+    )
+    parser.add_argument(
+        "--scenario", default="washers",
+        help=f"a scenario JSON file, or a bundled one: {', '.join(bundled_scenarios())} (default washers)",
+    )
+    parser.add_argument("--api-key", help="the key callers must present (default: as described above)")
+    parser.add_argument(
+        "--audio-speed", type=float, default=DEFAULT_AUDIO_SPEED,
+        help=f"how much faster than real time replies are sent (default {DEFAULT_AUDIO_SPEED:g})",
+    )
+    return parser
+
+
+def _load_cli_scenario(name: str) -> Scenario:
+    """The scenario, or ValueError with one line saying what is wrong with it."""
+    try:
+        return Scenario.from_json(name)
+    except FileNotFoundError:
+        bundled = ", ".join(bundled_scenarios())
+        raise ValueError(
+            f"no scenario {name!r}: give a scenario JSON file or a bundled name ({bundled})"
+        ) from None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        raise ValueError(f"scenario {name}: {where}: {error['msg']}") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"scenario {name}: {exc}") from None
+
 
 def main(argv: list[str]) -> int:
-    """`python -m bot sim realtime --port N --scenario FILE --api-key K`: run until Ctrl-C."""
-    parser = argparse.ArgumentParser(
-        prog="python -m bot sim realtime", description="A local OpenAI Realtime API simulator."
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="port for the WebSocket and REST (0: any free)")
-    parser.add_argument("--scenario", default="washers", help="scenario JSON file, or a bundled name")
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or "sk-sim-test")
-    parser.add_argument("--audio-speed", type=float, default=DEFAULT_AUDIO_SPEED, help="times real time")
+    """`python -m bot sim realtime [--port N] [--scenario NAME]`: serve until Ctrl-C."""
+    parser = _cli_parser()
     args = parser.parse_args(argv)
+    try:
+        scenario = _load_cli_scenario(args.scenario)
+        settings = load_settings()
+    except (ValueError, SettingsError) as exc:
+        parser.error(str(exc))
+    key_from_settings = args.api_key is None and settings.openai_api_key is not None
+    api_key = args.api_key or settings.openai_api_key or CLI_DEFAULT_API_KEY
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    scenario = Scenario.from_json(args.scenario)
-    sim = RealtimeSimulator(scenario, api_key=args.api_key, audio_speed=args.audio_speed)
+    sim = RealtimeSimulator(scenario, api_key=api_key, audio_speed=args.audio_speed)
 
     async def run() -> None:
         stopping = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
         await sim.start(args.host, args.port)
-        print(f"OPENAI_REALTIME_URL={sim.url}\nOPENAI_BASE_URL={sim.base_url}", flush=True)
+        key_line = (
+            "OPENAI_API_KEY: the one already set (environment or .env) is the key accepted"
+            if key_from_settings
+            else f"OPENAI_API_KEY={api_key}"
+        )
+        lines = [
+            f"Realtime simulator up, scenario {args.scenario}. Give the bot these settings:",
+            f"  OPENAI_REALTIME_URL={sim.url}",
+            f"  OPENAI_BASE_URL={sim.base_url}",
+            f"  {key_line}",
+        ]
+        if "OPENAI_REALTIME_URL" in settings.model_fields_set and settings.openai_realtime_url != sim.url:
+            lines.append(
+                f"  note: OPENAI_REALTIME_URL is {settings.openai_realtime_url} here, not this simulator"
+            )
+        print("\n".join(lines), flush=True)
         try:
             await stopping.wait()
         finally:
             await sim.stop()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run())
+    except OSError as exc:
+        print(f"{CLI_PROG}: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 
