@@ -15,7 +15,6 @@ update of it gets 400 (21220), as Twilio answers for a call that is no longer in
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
@@ -38,6 +37,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bot.cli import CommandParser, port_number
+from bot.settings import SettingsError, load_settings
 from bot.sim.server import LocalServer
 
 API_VERSION = "2010-04-01"
@@ -117,9 +118,10 @@ class TwilioApiSimulator:
     """The stand-in. `await start()` serves on 127.0.0.1; `base_url` is TWILIO_API_BASE.
 
     Records: `messages` (each created message resource, with `media_urls`), `call_updates`
-    (call SID and the fields posted). Numbers refused like Twilio refuses them: add to
-    `invalid_numbers` (21211), `unsubscribed` (21610), `landlines` (21614). Fault switches:
-    `fail_next`, `hang_next`.
+    (call SID and the fields posted); `on_record(kind, entry)` hears each as it happens, and
+    each request refused for its credentials (kind `auth_refused`). Numbers refused like Twilio
+    refuses them: add to `invalid_numbers` (21211), `unsubscribed` (21610), `landlines` (21614).
+    Fault switches: `fail_next`, `hang_next`.
     """
 
     def __init__(
@@ -217,6 +219,7 @@ class TwilioApiSimulator:
         """Auth first (as Twilio does), then the next queued fault, if any."""
         self.request_count += 1
         if not self._authorized(request):
+            self._record("auth_refused", {"path": request.url.path})
             raise TwilioApiError(401, 20003, "Authenticate")
         return self._faults.pop(0) if self._faults else None
 
@@ -433,28 +436,61 @@ def parse_rfc2822(value: str) -> datetime:
     return datetime.strptime(value, "%a, %d %b %Y %H:%M:%S %z")
 
 
+CLI_PROG = "python -m bot sim twilio-api"
+CLI_DESCRIPTION = (
+    "A local stand-in for Twilio's REST API on 127.0.0.1: it accepts the bot's SMS (Messages) "
+    "and live-call updates (transfers, hang-ups), answers as Twilio does, and prints each one. "
+    "It accepts one account: TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN from the environment or "
+    ".env (the same settings the bot reads), else a random SID and token it prints. Runs until "
+    "Ctrl-C."
+)
+EXAMPLE_FROM_NUMBER = "+15550001111"
+
+
 def main(argv: list[str]) -> int:
     """`python -m bot sim twilio-api --port N`: serve until Ctrl-C, printing what arrives."""
-    parser = argparse.ArgumentParser(prog="python -m bot sim twilio-api", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--account-sid", default=None, help="default: a random AC... SID")
-    parser.add_argument("--auth-token", default=None, help="default: a random token")
+    parser = CommandParser(prog=CLI_PROG, description=CLI_DESCRIPTION)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=port_number, default=0, help="port (default 0: any free port)")
+    parser.add_argument("--account-sid", help="the account to accept (default: as described above)")
+    parser.add_argument("--auth-token", help="its auth token (default: as described above)")
     args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        parser.error(str(exc))
+    account_sid = args.account_sid or settings.twilio_account_sid
+    auth_token = args.auth_token or settings.twilio_auth_token
 
     def show(kind: str, entry: dict[str, Any]) -> None:
+        if kind == "auth_refused":
+            print(
+                f"refused {entry['path']} with 401 (Twilio error 20003): the client's "
+                "TWILIO_ACCOUNT_SID or TWILIO_AUTH_TOKEN is not the one above",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
         print(json.dumps({"received": kind, **entry}), flush=True)
 
     async def serve() -> None:
-        sim = TwilioApiSimulator(args.account_sid, args.auth_token, on_record=show)
+        sim = TwilioApiSimulator(account_sid, auth_token, on_record=show)
         await sim.start(args.host, args.port)
-        print(
-            f"Twilio API stand-in on {sim.base_url}\n"
-            f"  TWILIO_API_BASE={sim.base_url}\n"
-            f"  TWILIO_ACCOUNT_SID={sim.account_sid}\n"
-            f"  TWILIO_AUTH_TOKEN={sim.auth_token}",
-            flush=True,
+        token_line = (
+            "TWILIO_AUTH_TOKEN: the one already set (environment or .env) is the token accepted"
+            if args.auth_token is None and settings.twilio_auth_token
+            else f"TWILIO_AUTH_TOKEN={sim.auth_token}"
         )
+        lines = [
+            "Twilio REST simulator up. Give the bot (and `python -m bot call`) these settings:",
+            f"  TWILIO_API_BASE={sim.base_url}",
+            f"  TWILIO_ACCOUNT_SID={sim.account_sid}",
+            f"  {token_line}",
+            f"  TWILIO_FROM_NUMBER={settings.twilio_from_number or EXAMPLE_FROM_NUMBER}",
+        ]
+        if "TWILIO_API_BASE" in settings.model_fields_set and settings.twilio_api_base != sim.base_url:
+            lines.append(f"  note: TWILIO_API_BASE is {settings.twilio_api_base} here, not this simulator")
+        print("\n".join(lines), flush=True)
         try:
             await asyncio.Event().wait()
         finally:
@@ -464,4 +500,7 @@ def main(argv: list[str]) -> int:
         asyncio.run(serve())
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
+    except OSError as exc:
+        print(f"{CLI_PROG}: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
