@@ -22,7 +22,6 @@ import contextlib
 import json
 import secrets
 import statistics
-import sys
 import time
 import xml.etree.ElementTree as ET
 from collections import deque
@@ -38,6 +37,7 @@ from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from bot.cli import CommandParser
 from bot.settings import SettingsError, load_settings
 from bot.wav import Wav, WavError, read_wav, write_wav
 
@@ -283,6 +283,7 @@ class PhoneCall:
         self.first_audio_t: float | None = None
         self.closed_by_app = False
         self.close_code: int | None = None
+        self.close_reason = ""
         self.stream_error: str | None = None
         self._t0 = t0
         self._pace = pace
@@ -491,7 +492,8 @@ class PhoneCall:
                 return f"stream refused ({self.stream_error}), then {self._after_connect()}"
             return f"no stream: {self.dial.describe()}"
         if self.closed_by_app:
-            return f"closed by app ({self.close_code}), then {self._after_connect()}"
+            why = f"{self.close_code} {self.close_reason}".strip()
+            return f"closed by app ({why}), then {self._after_connect()}"
         return "hung up by caller" if self._hung_up else "in progress"
 
     def _after_connect(self) -> str:
@@ -751,7 +753,8 @@ class PhoneCall:
             self.closed_by_app = True
         assert self._ws is not None
         self.close_code = self._ws.close_code
-        self._event("in", "close", f"{self.close_code} {self._ws.close_reason or ''}".strip())
+        self.close_reason = self._ws.close_reason or ""
+        self._event("in", "close", f"{self.close_code} {self.close_reason}".strip())
         if self._sender is not None:
             self._sender.cancel()
         ended = CallEnded(f"stream closed ({self.close_code})")
@@ -897,6 +900,16 @@ def dial(
 
 # --------------------------------------------------------------------- command line
 
+CLI_PROG = "python -m bot call"
+CLI_DESCRIPTION = (
+    "Place simulated Twilio calls to a running bot: each call POSTs the signed voice webhook, "
+    "opens the Media Stream the TwiML names, waits for the greeting, speaks the WAVs in order "
+    "(waiting for each reply) and hangs up. Progress is printed as it happens, then one summary "
+    "line per call with its reply latencies. Requests are signed as Twilio signs them, with "
+    "TWILIO_AUTH_TOKEN from the environment or .env (the same setting the bot reads): the bot "
+    "refuses unsigned calls."
+)
+
 
 @dataclass(slots=True)
 class CallSummary:
@@ -904,9 +917,21 @@ class CallSummary:
     call_sid: str = ""
     outcome: str = ""
     completed: bool = False
+    problem: str = ""
     greeting_s: float | None = None
     latencies_s: list[float | None] = field(default_factory=list)
     heard_ms: float = 0.0
+
+
+class Progress:
+    """Prints one line per call event as it happens, stamped with seconds since the start."""
+
+    def __init__(self, calls: int) -> None:
+        self._t0 = time.monotonic()
+        self._width = len(str(calls))
+
+    def __call__(self, index: int, text: str) -> None:
+        print(f"[{time.monotonic() - self._t0:6.2f}s] call {index:>{self._width}}: {text}", flush=True)
 
 
 def _load_utterances(paths: list[str]) -> list[bytes]:
@@ -919,37 +944,81 @@ def _load_utterances(paths: list[str]) -> list[bytes]:
     return utterances
 
 
+def explain_no_stream(call: PhoneCall, url: str) -> str:
+    """Why a call got no media stream, and what to check, in one line."""
+    result = call.dial
+    if result.error:
+        return f"cannot reach the bot at {url} ({result.error}): is `python -m bot serve` running there?"
+    if result.status_code == 403:
+        return (
+            "the bot refused the call (403): its TWILIO_AUTH_TOKEN is not the one used here, or it "
+            "signs another URL than the one dialled (PUBLIC_URL)"
+        )
+    if result.status_code != 200:
+        return f"the voice webhook answered HTTP {result.status_code}: is {url} the bot's base URL?"
+    if call.stream_error is not None:
+        return (
+            f"the Media Stream upgrade was refused ({call.stream_error}): the stream URL in the "
+            f"TwiML is {result.stream_url}"
+        )
+    return f"the bot answered without a stream ({result.describe()}): it has no OPENAI_API_KEY"
+
+
+def explain_end(call: PhoneCall) -> str:
+    """Why the bot ended a call before the caller was done, in one line."""
+    if call.closed_by_app and call.heard_ms() == 0:
+        return (
+            f"{call.outcome}: the bot could not start its Realtime session; its log says why "
+            "(OPENAI_API_KEY, OPENAI_REALTIME_URL)"
+        )
+    return call.outcome
+
+
 async def _scripted_call(
-    index: int, args: argparse.Namespace, utterances: list[bytes], http: httpx.AsyncClient
+    index: int,
+    args: argparse.Namespace,
+    utterances: list[bytes],
+    http: httpx.AsyncClient,
+    report: Callable[[int, str], None],
 ) -> CallSummary:
     summary = CallSummary(index)
     call = await dial(
         args.url,
         account_sid=args.account_sid,
-        auth_token=args.auth_token or "",
-        sign=bool(args.auth_token),
+        auth_token=args.auth_token,
         pace=not args.fast,
         http=http,
     )
     summary.call_sid = call.call_sid
-    if call.connected:
+    if not call.connected:
+        summary.problem = explain_no_stream(call, args.url)
+        report(index, f"{call.call_sid} not connected: {summary.problem}")
+    else:
+        report(index, f"{call.call_sid} connected, media stream open")
         try:
             with contextlib.suppress(TimeoutError):
                 await call.wait_for_audio(args.reply_timeout)
             await call.wait_until_quiet(args.quiet_ms, args.reply_timeout + 60)
-            replies = 0
-            for utterance in utterances:
+            if call.first_audio_t is not None:
+                report(index, f"greeted ({call.heard_ms() / 1000:.1f} s of audio)")
+            for turn, utterance in enumerate(utterances, start=1):
                 await call.silence(args.pause_ms)
                 await call.say(utterance)
+                report(index, f"caller turn {turn}/{len(utterances)} spoken")
                 await call.wait_for_audio(args.reply_timeout)
+                latency = call.turns[-1].latency_s
+                shown = "-" if latency is None else f"{latency:.2f} s"
+                report(index, f"bot answered turn {turn} after {shown}")
                 await call.wait_until_quiet(args.quiet_ms, args.reply_timeout + 60)
-                replies += 1
-            summary.completed = replies == len(utterances)
-        except (TimeoutError, CallEnded):
-            summary.completed = False
+            summary.completed = True
+        except TimeoutError:
+            summary.problem = f"no reply within {args.reply_timeout:g} s"
+        except CallEnded:
+            summary.problem = explain_end(call)
         await call.hang_up()
         if args.heard_dir is not None:
             call.write_heard_wav(Path(args.heard_dir) / f"heard_{index}_{call.call_sid}.wav")
+        report(index, "completed, hung up" if summary.completed else f"FAILED: {summary.problem}")
     summary.outcome = call.outcome
     if call.first_audio_t is not None and call.turns:
         stream_open = next((e.t for e in call.events if e.kind == "start"), 0.0)
@@ -971,46 +1040,56 @@ def _format_summary(s: CallSummary, calls: int) -> str:
 
 
 async def _run_calls(args: argparse.Namespace, utterances: list[bytes]) -> list[CallSummary]:
+    report = Progress(args.calls)
     async with httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT_S, trust_env=False) as http:
         return await asyncio.gather(
-            *(_scripted_call(i + 1, args, utterances, http) for i in range(args.calls))
+            *(_scripted_call(i + 1, args, utterances, http, report) for i in range(args.calls))
         )
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bot call",
-        description="Place simulated Twilio calls to a running bot and report turn latencies.",
-    )
-    parser.add_argument("url", help="the bot's public base URL, e.g. http://127.0.0.1:5052")
+    parser = CommandParser(prog=CLI_PROG, description=CLI_DESCRIPTION)
+    parser.add_argument("url", help="the bot's base URL, e.g. http://127.0.0.1:5052 (or its PUBLIC_URL)")
     parser.add_argument("--audio", nargs="+", required=True, metavar="WAV",
-                        help="caller utterances, mu-law 8 kHz mono, spoken in order")
-    parser.add_argument("--calls", type=int, default=1, help="concurrent calls (default 1)")
-    parser.add_argument("--account-sid", help="default: TWILIO_ACCOUNT_SID, else a random AC…")
-    parser.add_argument("--auth-token", help="signs the requests; default: TWILIO_AUTH_TOKEN")
-    parser.add_argument("--fast", action="store_true", help="send utterances faster than real time")
-    parser.add_argument("--pause-ms", type=int, default=500, help="silence before each utterance")
+                        help="caller utterances, mu-law 8 kHz mono WAVs, spoken in order "
+                             "(bundled: bot/sim/audio/caller_*.wav)")
+    parser.add_argument("--calls", type=_positive, default=1, help="concurrent calls (default 1)")
+    parser.add_argument("--account-sid", help="AccountSid sent in the webhook (default: TWILIO_ACCOUNT_SID)")
+    parser.add_argument("--auth-token", help="signs the webhook and the stream (default: TWILIO_AUTH_TOKEN)")
+    parser.add_argument("--fast", action="store_true",
+                        help="send the caller's audio faster than real time (replies still play "
+                             "in real time)")
+    parser.add_argument("--pause-ms", type=int, default=500,
+                        help="silence before each utterance (default 500)")
     parser.add_argument("--quiet-ms", type=int, default=1200,
                         help="bot silence that ends its turn (default 1200)")
     parser.add_argument("--reply-timeout", type=float, default=15.0,
-                        help="seconds to wait for the bot to start answering")
-    parser.add_argument("--heard-dir", help="write what each caller heard as WAVs here")
+                        help="seconds to wait for the bot to start answering (default 15)")
+    parser.add_argument("--heard-dir", help="write what each caller heard as WAVs into this folder")
     args = parser.parse_args(argv)
-    if args.calls < 1:
-        parser.error("--calls must be at least 1")
     try:
         settings = load_settings()
         utterances = _load_utterances(args.audio)
     except (SettingsError, WavError, OSError) as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    args.account_sid = (
-        args.account_sid or settings.twilio_account_sid or "AC" + secrets.token_hex(16)
-    )
+        parser.error(str(exc))
+    if args.heard_dir is not None and not Path(args.heard_dir).is_dir():
+        parser.error(f"--heard-dir {args.heard_dir}: no such folder")
+    args.url = args.url.rstrip("/")
+    args.account_sid = args.account_sid or settings.twilio_account_sid or "AC" + secrets.token_hex(16)
     args.auth_token = args.auth_token or settings.twilio_auth_token
     if not args.auth_token:
-        print("no auth token: the webhook and stream upgrade go unsigned", file=sys.stderr)
+        parser.error(
+            "TWILIO_AUTH_TOKEN is not set, and the bot refuses unsigned calls (403): set "
+            "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN to the bot's values, or pass --auth-token"
+        )
     summaries = asyncio.run(_run_calls(args, utterances))
+    print()
     for summary in summaries:
         print(_format_summary(summary, args.calls))
     latencies = [x for s in summaries for x in s.latencies_s if x is not None]
