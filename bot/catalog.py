@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from bot.cli import CommandParser
 from bot.products import Product
 
 log = logging.getLogger(__name__)
@@ -121,14 +122,34 @@ class CatalogError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class CatalogIssue:
-    """One rejected record (or field) of the catalog file; the good records still load."""
+    """One problem in a rejected record (index from 0, in file order); good records still load.
+
+    A record with several bad fields has one issue per field: count records with
+    `records_with_issues`, not `len(issues)`.
+    """
 
     index: int
     field: str
     message: str
+    sku: str | None = None
 
     def __str__(self) -> str:
-        return f"record {self.index}, field {self.field}: {self.message}"
+        return f"record {self.index}{self._sku_note()}, field {self.field}: {self.message}"
+
+    def _sku_note(self) -> str:
+        return f" (sku {self.sku!r})" if self.sku else ""
+
+
+def records_with_issues(issues: Sequence[CatalogIssue]) -> list[str]:
+    """One line per rejected record, its field problems joined, in file order."""
+    by_record: dict[int, list[CatalogIssue]] = {}
+    for issue in issues:
+        by_record.setdefault(issue.index, []).append(issue)
+    return [
+        f"record {index}{found[0]._sku_note()}: "
+        + "; ".join(f"{issue.field}: {issue.message}" for issue in found)
+        for index, found in by_record.items()
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,15 +193,21 @@ def parse_catalog(data: bytes, path: Path) -> tuple[list[Product], list[CatalogI
         try:
             product = Product.model_validate(record)
         except ValidationError as exc:
+            sku = record.get("sku") if isinstance(record, dict) else None
             issues += [
-                CatalogIssue(index, ".".join(str(p) for p in err["loc"]) or "(record)", err["msg"])
+                CatalogIssue(
+                    index,
+                    ".".join(str(p) for p in err["loc"]) or "(record)",
+                    err["msg"],
+                    sku if isinstance(sku, str) else None,
+                )
                 for err in exc.errors()
             ]
             continue
         key = product.sku.casefold()
         if key in first_index:
             message = f"duplicate sku {product.sku!r} (first in record {first_index[key]}); kept the first"
-            issues.append(CatalogIssue(index, "sku", message))
+            issues.append(CatalogIssue(index, "sku", message, product.sku))
             continue
         first_index[key] = index
         products.append(product)
@@ -520,17 +547,17 @@ class Catalog:
 
 
 def _log_loaded(event: str, path: Path, index: _Index) -> None:
-    fields = {"path": str(path), "products": len(index.products), "skipped": len(index.issues)}
-    if not index.issues:
+    rejected = records_with_issues(index.issues)
+    fields = {"path": str(path), "products": len(index.products), "skipped": len(rejected)}
+    if not rejected:
         log.info(event, extra=fields)
         return
-    shown = [str(issue) for issue in index.issues[:LOGGED_ISSUES_MAX]]
     log.warning(
-        "%s, %d record issues (first: %s)",
+        "%s, %d records skipped (first: %s)",
         event,
-        len(index.issues),
-        shown[0],
-        extra={**fields, "issues": shown},
+        len(rejected),
+        rejected[0],
+        extra={**fields, "issues": rejected[:LOGGED_ISSUES_MAX]},
     )
 
 
@@ -559,26 +586,65 @@ def _format_hit(rank: int, hit: SearchHit) -> str:
     )
 
 
-CLI_ABOUT = "Validate or search a product catalog in the seed's JSON format."
+CLI_PROG = "python -m bot catalog"
+CLI_ABOUT = (
+    "Check or search a product catalog: a JSON list of products (or a ProductsCollection "
+    "document) in the seed's format, described in the README's 'Catalog format' section."
+)
+
+
+def _cli_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(prog=CLI_PROG, description=CLI_ABOUT)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{check,import,search}", help="what to do"
+    )
+    for name, about in (
+        ("check", "check every record of FILE as the bot loads it; one line per bad record, exit 1 if any"),
+        ("import", "the same check, under its earlier name"),
+    ):
+        checker = commands.add_parser(name, help=about, description=about)
+        checker.add_argument("file", type=Path, help="the catalog JSON file")
+    about = "search the catalog as the voice agent does; prices are after discount"
+    find = commands.add_parser("search", help=about, description=about)
+    find.add_argument("query", help="words as a caller would say them, e.g. 'quiet washer for a big family'")
+    find.add_argument("--max-price", type=float, metavar="DOLLARS", help="highest price after discount")
+    find.add_argument("--min-price", type=float, metavar="DOLLARS", help="lowest price after discount")
+    find.add_argument("--brand", help="only this brand (any letter case)")
+    find.add_argument("--min-rating", type=float, metavar="RATE", help="lowest rating, 0 to 5")
+    find.add_argument(
+        "--limit", type=int, default=DEFAULT_LIMIT, help=f"most results to show (default {DEFAULT_LIMIT})"
+    )
+    find.add_argument("--catalog", type=Path, help="catalog file (default: CATALOG_PATH, else the sample)")
+    return parser
+
+
+def check_file(path: Path) -> int:
+    """Prints the count, then one line per bad record; 0 when every record loads, else 1."""
+    try:
+        data, _ = _read(path)
+        products, issues = parse_catalog(data, path)
+    except CatalogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    rejected = records_with_issues(issues)
+    print(f"{path}: {_count(len(products), 'product')} load, {_count(len(rejected), 'record')} skipped")
+    for line in rejected:
+        print(line)
+    return 1 if rejected else 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def main(argv: list[str]) -> int:
-    """`python -m bot catalog import FILE` and `python -m bot catalog search QUERY [filters]`."""
-    parser = argparse.ArgumentParser(prog="python -m bot catalog", description=CLI_ABOUT)
-    commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("import", help="validate a catalog file and report bad records")
-    check.add_argument("file", type=Path)
-    find = commands.add_parser("search", help="search the catalog like the voice agent does")
-    find.add_argument("query")
-    find.add_argument("--max-price", type=float)
-    find.add_argument("--min-price", type=float)
-    find.add_argument("--brand")
-    find.add_argument("--min-rating", type=float)
-    find.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
-    find.add_argument("--catalog", type=Path, help="catalog file (default: CATALOG_PATH)")
+    """`python -m bot catalog check FILE` and `python -m bot catalog search QUERY [filters]`."""
+    parser = _cli_parser()
     args = parser.parse_args(argv)
+    if args.command in ("check", "import"):
+        return check_file(args.file)
 
-    path: Path = args.file if args.command == "import" else args.catalog
+    path: Path | None = args.catalog
     if path is None:
         from bot.settings import SettingsError, load_settings
 
@@ -592,12 +658,6 @@ def main(argv: list[str]) -> int:
     except CatalogError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-
-    if args.command == "import":
-        print(f"{path}: {len(catalog)} products loaded, {len(catalog.issues)} issues")
-        for issue in catalog.issues:
-            print(f"  {issue}")
-        return 0
     hits = catalog.search(
         args.query,
         max_price=args.max_price,

@@ -355,15 +355,42 @@ async def test_watch_reloads_a_changed_file_in_the_background(tmp_path: Path) ->
     assert catalog.get(["TV-1"])[1] == []
 
 
-def test_cli_import_reports_the_count_and_each_issue(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("command", ["check", "import"])
+def test_cli_check_prints_one_line_per_bad_record_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
     path = tmp_path / "mixed.json"
-    path.write_text(json.dumps([product("A-1", "Good"), product("A-2", "Bad", rate=9)]))
-    assert main(["import", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "1 products loaded, 1 issues" in out
-    assert "record 1, field rate:" in out
+    records = [
+        product("A-1", "Good"),
+        product("A-2", "Bad", rate=9, price=-1),
+        product("A-3", "Bad Too", discount="10%"),
+    ]
+    path.write_text(json.dumps(records))
+    assert main([command, str(path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"{path}: 1 product load, 2 records skipped",
+        "record 1 (sku 'A-2'): price: Input should be greater than or equal to 0; "
+        "rate: Input should be less than or equal to 5",
+        "record 2 (sku 'A-3'): discount: Input should be a valid number",
+    ]
+
+
+def test_cli_check_of_a_clean_catalog_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(SAMPLE_CATALOG_PATH)]) == 0
+    assert capsys.readouterr().out == f"{SAMPLE_CATALOG_PATH}: 43 products load, 0 records skipped\n"
+
+
+def test_the_load_log_counts_skipped_records_not_field_issues(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "mixed.json"
+    records = [product("A-1", "Good"), product("A-2", "Bad", rate=9, price=-1), product("A-3", "Bad", price=-2)]
+    path.write_text(json.dumps(records))
+    Catalog.load(path)
+    [record] = [r for r in caplog.records if r.getMessage().startswith("catalog loaded")]
+    assert (record.products, record.skipped) == (1, 2)  # type: ignore[attr-defined]
+    assert record.getMessage().startswith("catalog loaded, 2 records skipped (first: record 1 (sku 'A-2'):")
 
 
 def test_cli_import_fails_on_an_unusable_file(
