@@ -8,16 +8,18 @@ the webhooks the call center received, and writes what the caller heard to a WAV
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
+import re
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bot.cli import CommandParser
 from bot.logs import configure_logging, mask_phone
 from bot.settings import PACKAGE_DIR
 from bot.sim.phone import PhoneCall
@@ -34,6 +36,17 @@ QUIET_LOGS = {"LOG_LEVEL": "WARNING", "LOG_FORMAT": "text"}
 REPLY_TIMEOUT_S = 20.0
 QUIET_MS = 1200
 DELIVERY_TIMEOUT_S = 15.0
+TOOL_LINE_MAX_CHARS = 120
+TWIML_LINE_MAX_CHARS = 110
+EVENT_LINE_MAX_CHARS = 300
+_XML_DECLARATION = re.compile(r"<\?xml[^>]*\?>\s*")
+CLI_DESCRIPTION = (
+    "One whole call on local simulators, with no accounts and no network: the bot, a Realtime "
+    "API, Twilio's REST API and a call center's webhook receiver on 127.0.0.1, and a simulated "
+    "phone that dials the bot with recorded caller audio. Prints a live transcript, the SMS the "
+    "caller received and the webhooks the call center received, and writes what the caller "
+    "heard to a WAV file."
+)
 
 
 class Printer:
@@ -65,7 +78,7 @@ def _tool_line(output: str) -> str:
     try:
         result: dict[str, Any] = json.loads(output)
     except ValueError:
-        return output[:120]
+        return shorten(output, TOOL_LINE_MAX_CHARS)
     shown = {k: v for k, v in result.items() if k in ("found", "sent", "sms", "transferring", "error")}
     return "result " + json.dumps(shown)
 
@@ -107,15 +120,18 @@ def narrate(say: Printer) -> Callable[[str, dict[str, Any]], None]:
     def on_record(kind: str, entry: dict[str, Any]) -> None:
         if kind == "message":
             say("sms", f"Twilio accepted an SMS to {mask_phone(entry.get('to'))}")
-        else:
+        elif kind == "call_update":
             say("twilio", f"call updated through the REST API: {_call_update(entry)}")
+        else:
+            say("twilio", f"refused a request with the wrong credentials: {entry.get('path')}")
 
     return on_record
 
 
 def _call_update(entry: dict[str, Any]) -> str:
     if entry.get("Twiml"):
-        return "new TwiML " + " ".join(str(entry["Twiml"]).split())[:110]
+        twiml = _XML_DECLARATION.sub("", str(entry["Twiml"]))
+        return "new TwiML " + shorten(twiml, TWIML_LINE_MAX_CHARS)
     return f"Status={entry.get('Status')}"
 
 
@@ -146,8 +162,11 @@ def report(stack: SimStack, heard_path: Path) -> None:
             products = data["collection"]["JsonData"]["products"]
             print(f"  ProductsCollection with {len(products)} products: {[p['name'] for p in products]}")
             print(f"  SMS status: {data.get('sms', {}).get('status')}")
+        elif event["type"] == "call.completed":
+            lines = len(data.get("transcript", []))
+            print(f"  outcome {data.get('outcome')}, {data.get('duration_s')} s, {lines} transcript lines")
         else:
-            print(f"  {json.dumps(data)[:300]}")
+            print("  " + shorten(json.dumps(data), EVENT_LINE_MAX_CHARS))
     if not receiver.acknowledged():
         print("(none)")
     for call in stack.calls.values():
@@ -156,10 +175,20 @@ def report(stack: SimStack, heard_path: Path) -> None:
         print(f"bot audio heard: {call.heard_ms() / 1000:.1f}s; what the caller heard: {heard_path}")
 
 
+def shorten(text: str, width: int) -> str:
+    """`text` on one line, cut at a word boundary with an ellipsis when longer than `width`."""
+    return textwrap.shorten(text, width, placeholder=" …")
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bot demo", description=__doc__)
-    parser.add_argument("--heard", type=Path, default=Path("demo-heard.wav"), help="WAV to write")
+    parser = CommandParser(prog="python -m bot demo", description=CLI_DESCRIPTION)
+    parser.add_argument(
+        "--heard", type=Path, default=Path("demo-heard.wav"),
+        help="where to write what the caller heard, a mu-law 8 kHz WAV (default demo-heard.wav)",
+    )
     args = parser.parse_args(argv)
+    if not args.heard.parent.is_dir():
+        parser.error(f"--heard {args.heard}: the folder {args.heard.parent} does not exist")
     configure_logging("WARNING", "text")
     return asyncio.run(run_demo(args.heard, Printer()))
 
