@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+CALLER_WAV = str(REPO / "bot" / "sim" / "audio" / "caller_washers.wav")
+# Runs `python -m bot ARGS` with some modules made unimportable, as if an extra were not installed.
+WITHOUT_MODULES = (
+    "import runpy, sys; sys.modules.update(dict.fromkeys({modules!r})); "
+    "runpy.run_module('bot', run_name='__main__', alter_sys=True)"
+)
 
 
 def run_bot(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -39,10 +50,10 @@ def test_without_a_command_the_usage_lists_every_command() -> None:
         assert f"  {command} " in result.stdout
 
 
-def test_an_unknown_command_exits_2_with_the_usage() -> None:
+def test_an_unknown_command_exits_2_naming_the_commands() -> None:
     result = run_bot("launch")
     assert result.returncode == 2
-    assert "unknown command 'launch'" in result.stderr
+    assert "unknown command 'launch'; the commands are serve, demo, call" in result.stderr
 
 
 def test_serve_refuses_to_start_on_a_bad_setting_and_names_it() -> None:
@@ -97,3 +108,172 @@ def test_serve_refuses_an_unreadable_catalog_naming_the_file_and_the_error(tmp_p
     assert result.returncode == 2
     assert str(broken) in result.stderr and "not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- every mistake a user can make on the command line: one line, no traceback ---------------
+
+BUSY_PORT = "{busy_port}"
+
+
+@dataclass(frozen=True)
+class Mistake:
+    args: tuple[str, ...]
+    exit_code: int
+    says: str
+    env: dict[str, str] = field(default_factory=dict)
+    without_modules: tuple[str, ...] = ()
+
+
+MISTAKES = {
+    "an unknown command": Mistake(("launch",), 2, "unknown command 'launch'"),
+    "sim without a simulator": Mistake(("sim",), 2, "name a simulator: realtime or twilio-api"),
+    "an unknown simulator": Mistake(("sim", "nosuch"), 2, "unknown simulator 'nosuch'"),
+    "an unknown scenario": Mistake(
+        ("sim", "realtime", "--scenario", "nosuch"), 2, "no scenario 'nosuch': give a scenario JSON file "
+        "or a bundled name (washers)"
+    ),
+    "a port that is not a number": Mistake(("sim", "twilio-api", "--port", "eighty"), 2, "not a port number"),
+    "a Realtime simulator port in use": Mistake(
+        ("sim", "realtime", "--port", BUSY_PORT), 1, "cannot listen: error while attempting to bind"
+    ),
+    "a Twilio simulator port in use": Mistake(
+        ("sim", "twilio-api", "--port", BUSY_PORT), 1, "cannot listen: Address already in use"
+    ),
+    "the demo without the [sim] extra": Mistake(
+        ("demo",), 2, "needs the optional [sim] dependencies (no module 'openai'): pip install -e '.[sim]'",
+        without_modules=("openai",),
+    ),
+    "the Realtime simulator without the [sim] extra": Mistake(
+        ("sim", "realtime"), 2, "python -m bot sim needs the optional [sim] dependencies",
+        without_modules=("openai",),
+    ),
+    "the demo writing into a missing folder": Mistake(
+        ("demo", "--heard", "/nonexistent/heard.wav"), 2, "the folder /nonexistent does not exist"
+    ),
+    "call without its arguments": Mistake(("call",), 2, "the following arguments are required: url, --audio"),
+    "call without a Twilio auth token": Mistake(
+        ("call", "http://127.0.0.1:9", "--audio", CALLER_WAV), 2,
+        "TWILIO_AUTH_TOKEN is not set, and the bot refuses unsigned calls (403)",
+    ),
+    "call with a missing WAV": Mistake(
+        ("call", "http://127.0.0.1:9", "--audio", "nosuch.wav"), 2, "No such file or directory: 'nosuch.wav'",
+        env={"TWILIO_AUTH_TOKEN": "token"},
+    ),
+    "call with zero calls": Mistake(
+        ("call", "http://127.0.0.1:9", "--audio", CALLER_WAV, "--calls", "0"), 2, "--calls: must be a whole number",
+        env={"TWILIO_AUTH_TOKEN": "token"},
+    ),
+    "catalog without a command": Mistake(("catalog",), 2, "arguments are required: {check,import,search}"),
+    "catalog check of a missing file": Mistake(("catalog", "check", "nosuch.json"), 1, "nosuch.json: cannot read"),
+    "catalog search with a price in words": Mistake(
+        ("catalog", "search", "washer", "--max-price", "cheap"), 2, "invalid float value: 'cheap'"
+    ),
+    "serve on a port that cannot exist": Mistake(("serve", "--port", "99999"), 2, "not a port number"),
+    "serve with a webhook secret stock verifiers would misread": Mistake(
+        ("serve",), 2, "WEBHOOK_SECRET: not a Standard Webhooks secret", env={"WEBHOOK_SECRET": "mysecret123"}
+    ),
+}
+
+
+def run_in(cwd: Path, args: tuple[str, ...], env: dict[str, str], without: tuple[str, ...] = ()) -> (
+    subprocess.CompletedProcess[str]
+):
+    """`python -m bot ARGS` in `cwd` (no stray .env) with only `env` set besides PATH."""
+    command = [sys.executable, "-m", "bot"]
+    if without:
+        command = [sys.executable, "-c", WITHOUT_MODULES.format(modules=list(without))]
+    return subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={"PATH": os.environ.get("PATH", ""), **env},
+    )
+
+
+@pytest.fixture(scope="module")
+def mistake_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[subprocess.CompletedProcess[str]]]]:
+    """Every mistake run at once, a few at a time (each is a fresh interpreter)."""
+    cwd = tmp_path_factory.mktemp("cli")
+    with socket.socket() as busy, ThreadPoolExecutor(max_workers=3) as pool:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        runs = {
+            name: pool.submit(
+                run_in, cwd, tuple(a.replace(BUSY_PORT, port) for a in m.args), m.env, m.without_modules
+            )
+            for name, m in MISTAKES.items()
+        }
+        yield runs
+        for run in runs.values():
+            run.result()
+
+
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_a_command_line_mistake_gets_one_clear_line_and_no_traceback(
+    name: str, mistake_runs: dict[str, Future[subprocess.CompletedProcess[str]]]
+) -> None:
+    mistake = MISTAKES[name]
+    result = mistake_runs[name].result()
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert mistake.says in line
+    assert result.returncode == mistake.exit_code
+
+
+# --- --help ------------------------------------------------------------------------------------
+
+HELP_COMMANDS = [
+    (),
+    ("serve",),
+    ("demo",),
+    ("call",),
+    ("sim",),
+    ("sim", "realtime"),
+    ("sim", "twilio-api"),
+    ("catalog",),
+    ("catalog", "check"),
+    ("catalog", "import"),
+    ("catalog", "search"),
+    ("outbox",),
+]
+def options_without_help(text: str) -> list[str]:
+    """Entries of argparse's option and command lists with no explanation beside or below them."""
+    lines = text.splitlines()
+    missing, in_list = [], False
+    for number, line in enumerate(lines):
+        if line and not line.startswith(" "):
+            in_list = line.endswith(":") and not line.startswith("usage:")
+            continue
+        if not in_list or not re.match(r"  \S", line) or re.search(r"\S {2,}\S", line[2:]):
+            continue
+        following = lines[number + 1] if number + 1 < len(lines) else ""
+        if not re.match(r" {4,}\S", following):
+            missing.append(line.strip())
+    return missing
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda c: " ".join(c) or "bot")
+def test_every_help_exits_0_and_explains_each_option(command: tuple[str, ...], tmp_path: Path) -> None:
+    result = run_in(tmp_path, (*command, "--help"), {})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith("usage: python -m bot")
+    assert options_without_help(result.stdout) == []
+
+
+def test_help_piped_into_a_reader_that_stops_early_ends_quietly() -> None:
+    reader_gone = subprocess.Popen(
+        [sys.executable, "-m", "bot", "--help"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+    assert reader_gone.stdout is not None and reader_gone.stderr is not None
+    reader_gone.stdout.close()  # like `| head -0`: the pipe is gone before the help is written
+    stderr = reader_gone.stderr.read().decode()
+    reader_gone.wait(timeout=30)
+    assert stderr == ""
