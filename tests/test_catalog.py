@@ -385,7 +385,11 @@ def test_the_load_log_counts_skipped_records_not_field_issues(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "mixed.json"
-    records = [product("A-1", "Good"), product("A-2", "Bad", rate=9, price=-1), product("A-3", "Bad", price=-2)]
+    records = [
+        product("A-1", "Good"),
+        product("A-2", "Bad", rate=9, price=-1),
+        product("A-3", "Bad", price=-2),
+    ]
     path.write_text(json.dumps(records))
     Catalog.load(path)
     [record] = [r for r in caplog.records if r.getMessage().startswith("catalog loaded")]

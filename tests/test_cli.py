@@ -113,6 +113,7 @@ def test_serve_refuses_an_unreadable_catalog_naming_the_file_and_the_error(tmp_p
 # --- every mistake a user can make on the command line: one line, no traceback ---------------
 
 BUSY_PORT = "{busy_port}"
+Run = Future[subprocess.CompletedProcess[str]]
 
 
 @dataclass(frozen=True)
@@ -160,11 +161,14 @@ MISTAKES = {
         env={"TWILIO_AUTH_TOKEN": "token"},
     ),
     "call with zero calls": Mistake(
-        ("call", "http://127.0.0.1:9", "--audio", CALLER_WAV, "--calls", "0"), 2, "--calls: must be a whole number",
+        ("call", "http://127.0.0.1:9", "--audio", CALLER_WAV, "--calls", "0"), 2,
+        "--calls: must be a whole number",
         env={"TWILIO_AUTH_TOKEN": "token"},
     ),
     "catalog without a command": Mistake(("catalog",), 2, "arguments are required: {check,import,search}"),
-    "catalog check of a missing file": Mistake(("catalog", "check", "nosuch.json"), 1, "nosuch.json: cannot read"),
+    "catalog check of a missing file": Mistake(
+        ("catalog", "check", "nosuch.json"), 1, "nosuch.json: cannot read"
+    ),
     "catalog search with a price in words": Mistake(
         ("catalog", "search", "washer", "--max-price", "cheap"), 2, "invalid float value: 'cheap'"
     ),
@@ -175,9 +179,9 @@ MISTAKES = {
 }
 
 
-def run_in(cwd: Path, args: tuple[str, ...], env: dict[str, str], without: tuple[str, ...] = ()) -> (
-    subprocess.CompletedProcess[str]
-):
+def run_in(
+    cwd: Path, args: tuple[str, ...], env: dict[str, str], without: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     """`python -m bot ARGS` in `cwd` (no stray .env) with only `env` set besides PATH."""
     command = [sys.executable, "-m", "bot"]
     if without:
@@ -193,7 +197,7 @@ def run_in(cwd: Path, args: tuple[str, ...], env: dict[str, str], without: tuple
 
 
 @pytest.fixture(scope="module")
-def mistake_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[subprocess.CompletedProcess[str]]]]:
+def mistake_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
     """Every mistake run at once, a few at a time (each is a fresh interpreter)."""
     cwd = tmp_path_factory.mktemp("cli")
     with socket.socket() as busy, ThreadPoolExecutor(max_workers=3) as pool:
@@ -213,7 +217,7 @@ def mistake_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
 
 @pytest.mark.parametrize("name", list(MISTAKES))
 def test_a_command_line_mistake_gets_one_clear_line_and_no_traceback(
-    name: str, mistake_runs: dict[str, Future[subprocess.CompletedProcess[str]]]
+    name: str, mistake_runs: dict[str, Run]
 ) -> None:
     mistake = MISTAKES[name]
     result = mistake_runs[name].result()
