@@ -281,3 +281,100 @@ def test_help_piped_into_a_reader_that_stops_early_ends_quietly() -> None:
     stderr = reader_gone.stderr.read().decode()
     reader_gone.wait(timeout=30)
     assert stderr == ""
+
+
+# --- the simulators take the credentials the bot reads ---------------------------------------
+
+
+class Running:
+    """A long-running `python -m bot ...` whose printed `NAME=value` lines are collected."""
+
+    def __init__(self, args: tuple[str, ...], env: dict[str, str], cwd: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bot", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            env={"PATH": os.environ.get("PATH", ""), **env},
+        )
+        self.lines: list[str] = []
+
+    def read_until(self, prefix: str) -> dict[str, str]:
+        """Lines up to the first starting with `prefix` (stripped), as NAME=value pairs."""
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.strip()
+            self.lines.append(line)
+            if line.startswith(prefix):
+                break
+        else:
+            raise AssertionError(f"exited before printing {prefix}: {self.stop()}")
+        return dict(line.split("=", 1) for line in self.lines if "=" in line and " " not in line)
+
+    def stop(self) -> str:
+        """Stops it (SIGTERM, as a service manager does) and returns what it wrote on stderr."""
+        self.process.terminate()
+        _, stderr = self.process.communicate(timeout=20)
+        return stderr
+
+
+def messages_url(api_base: str, account_sid: str) -> str:
+    return f"{api_base}/2010-04-01/Accounts/{account_sid}/Messages.json"
+
+
+def test_the_twilio_simulator_accepts_the_account_the_bot_is_configured_with(tmp_path: Path) -> None:
+    account = {"TWILIO_ACCOUNT_SID": "AC" + "1" * 32, "TWILIO_AUTH_TOKEN": "the-bots-token"}
+    sim = Running(("sim", "twilio-api"), account, tmp_path)
+    try:
+        printed = sim.read_until("TWILIO_FROM_NUMBER=")
+        url = messages_url(printed["TWILIO_API_BASE"], account["TWILIO_ACCOUNT_SID"])
+        sms = {"To": "+15551230001", "From": printed["TWILIO_FROM_NUMBER"], "Body": "hello"}
+        accepted = httpx.post(url, data=sms, auth=(account["TWILIO_ACCOUNT_SID"], "the-bots-token"))
+        refused = httpx.post(url, data=sms, auth=(account["TWILIO_ACCOUNT_SID"], "another-token"))
+    finally:
+        stderr = sim.stop()
+    assert printed["TWILIO_ACCOUNT_SID"] == account["TWILIO_ACCOUNT_SID"]
+    assert "TWILIO_AUTH_TOKEN: the one already set" in sim.lines[3]
+    assert "the-bots-token" not in "\n".join(sim.lines)
+    assert (accepted.status_code, refused.status_code) == (201, 401)
+    assert "Twilio error 20003" in stderr and "TWILIO_AUTH_TOKEN" in stderr
+
+
+def test_the_twilio_simulator_without_settings_prints_the_account_to_set(tmp_path: Path) -> None:
+    sim = Running(("sim", "twilio-api"), {}, tmp_path)
+    try:
+        printed = sim.read_until("TWILIO_FROM_NUMBER=")
+        account = (printed["TWILIO_ACCOUNT_SID"], printed["TWILIO_AUTH_TOKEN"])
+        url = messages_url(printed["TWILIO_API_BASE"], account[0])
+        sms = {"To": "+15551230001", "From": printed["TWILIO_FROM_NUMBER"], "Body": "hello"}
+        accepted = httpx.post(url, data=sms, auth=account)
+    finally:
+        sim.stop()
+    assert accepted.status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("env", "printed_key_line"),
+    [
+        ({}, "OPENAI_API_KEY=sk-sim-test"),
+        ({"OPENAI_API_KEY": "sk-the-bots-key"}, "OPENAI_API_KEY: the one already set"),
+    ],
+)
+def test_the_realtime_simulator_prints_the_key_it_accepts(
+    tmp_path: Path, env: dict[str, str], printed_key_line: str
+) -> None:
+    sim = Running(("sim", "realtime"), env, tmp_path)
+    try:
+        printed = sim.read_until("OPENAI_API_KEY")
+        key = env.get("OPENAI_API_KEY", "sk-sim-test")
+        secret = httpx.post(
+            printed["OPENAI_BASE_URL"] + "/v1/realtime/client_secrets",
+            json={"session": {"type": "realtime", "model": "gpt-realtime"}},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+    finally:
+        sim.stop()
+    assert sim.lines[-1].startswith(printed_key_line)
+    assert secret.status_code == 200
+    assert "sk-the-bots-key" not in "\n".join(sim.lines)

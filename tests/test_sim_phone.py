@@ -35,7 +35,9 @@ from bot.sim.phone import (
     dial,
     main,
 )
+from bot.sim.realtime import Scenario
 from bot.sim.server import LocalServer
+from bot.sim.stack import SimStack
 from bot.wav import Wav, read_wav, write_wav
 
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
@@ -517,3 +519,43 @@ async def test_command_line_places_concurrent_calls_and_reports_each(
     assert out.count(": completed |") == 2
     assert "2/2 calls completed" in out
     assert all(hook.valid for hook in standin.webhooks)
+
+
+@pytest.mark.anyio
+async def test_command_line_prints_each_calls_progress_in_order_with_timestamps(
+    standin: StandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    standin.replay = True
+    utterance = tmp_path / "hello.wav"
+    write_wav(utterance, Wav(TONE * 1600 + SILENCE * 800, 8000, "mulaw"))
+    argv = [standin.base_url, "--audio", str(utterance), str(utterance), "--fast", "--pause-ms", "0"]
+    argv += ["--account-sid", ACCOUNT_SID, "--auth-token", AUTH_TOKEN, "--quiet-ms", "100"]
+    assert await asyncio.to_thread(main, argv) == 0
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    steps = [line.split("call 1: ", 1)[1] for line in progress]
+    assert steps[0].endswith("connected, media stream open")
+    assert steps[1:] == [
+        "greeted (0.2 s of audio)",
+        "caller turn 1/2 spoken",
+        steps[3],
+        "caller turn 2/2 spoken",
+        steps[5],
+        "completed, hung up",
+    ]
+    assert steps[3].startswith("bot answered turn 1 after ") and steps[5].startswith("bot answered turn 2")
+    stamps = [float(line[1:].split("s]", 1)[0]) for line in progress]
+    assert stamps == sorted(stamps) and stamps[-1] > stamps[0]
+
+
+@pytest.mark.anyio
+async def test_command_line_explains_a_call_the_bot_refused_for_its_signature(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    utterance = tmp_path / "hello.wav"
+    write_wav(utterance, Wav(TONE * 1600, 8000, "mulaw"))
+    async with SimStack(Scenario(greeting="Hello.", turns=[])) as stack:
+        argv = [stack.app_url, "--audio", str(utterance), "--auth-token", "not-the-bots-token"]
+        assert await asyncio.to_thread(main, argv) == 1
+    out = capsys.readouterr().out
+    assert "not connected: the bot refused the call (403): its TWILIO_AUTH_TOKEN" in out
+    assert "0/1 calls completed" in out
