@@ -19,7 +19,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 import math
 import re
 import secrets
@@ -38,6 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bot.cli import CommandParser, port_number
+from bot.logs import mask_phone
 from bot.settings import SettingsError, load_settings
 from bot.sim.server import LocalServer
 
@@ -471,7 +471,13 @@ def main(argv: list[str]) -> int:
                 flush=True,
             )
             return
-        print(json.dumps({"received": kind, **entry}), flush=True)
+        if kind == "message":
+            body = "\n".join("    " + line for line in str(entry["body"]).splitlines())
+            sms = f"SMS {entry['sid']} to {mask_phone(entry['to'])} from {entry['from']}"
+            print(f"{sms}:\n{body}", flush=True)
+        else:
+            fields = " ".join(f"{k}={v}" for k, v in entry.items() if k != "call_sid")
+            print(f"call {entry['call_sid']} updated: {' '.join(fields.split())}", flush=True)
 
     async def serve() -> None:
         sim = TwilioApiSimulator(account_sid, auth_token, on_record=show)
