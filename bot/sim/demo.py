@@ -164,7 +164,8 @@ def report(stack: SimStack, heard_path: Path) -> None:
             print(f"  SMS status: {data.get('sms', {}).get('status')}")
         elif event["type"] == "call.completed":
             lines = len(data.get("transcript", []))
-            print(f"  outcome {data.get('outcome')}, {data.get('duration_s')} s, {lines} transcript lines")
+            duration_s = float(data.get("duration_s", 0))
+            print(f"  outcome {data.get('outcome')}, {duration_s:.1f} s, {lines} transcript lines")
         else:
             print("  " + shorten(json.dumps(data), EVENT_LINE_MAX_CHARS))
     if not receiver.acknowledged():
