@@ -64,7 +64,8 @@ async def mint_client_secret(http: httpx.AsyncClient, settings: Settings) -> dic
     except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:
         raise OpenAITimedOut(f"no answer within {settings.openai_timeout_s:g} s") from exc
     except httpx.HTTPError as exc:
-        raise OpenAIUnreachable(f"{type(exc).__name__}: {exc}") from exc
+        detail = f": {exc}" if str(exc) else ""
+        raise OpenAIUnreachable(type(exc).__name__ + detail) from exc
     try:
         body = response.json()
     except ValueError:
