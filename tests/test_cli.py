@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bot.sim.realtime import bundled_scenarios
+
 REPO = Path(__file__).resolve().parent.parent
 CALLER_WAV = str(REPO / "bot" / "sim" / "audio" / "caller_washers.wav")
 # Runs `python -m bot ARGS` with some modules made unimportable, as if an extra were not installed.
@@ -131,7 +133,7 @@ MISTAKES = {
     "an unknown simulator": Mistake(("sim", "nosuch"), 2, "unknown simulator 'nosuch'"),
     "an unknown scenario": Mistake(
         ("sim", "realtime", "--scenario", "nosuch"), 2, "no scenario 'nosuch': give a scenario JSON file "
-        "or a bundled name (washers)"
+        f"or a bundled name ({', '.join(bundled_scenarios())})"
     ),
     "a port that is not a number": Mistake(("sim", "twilio-api", "--port", "eighty"), 2, "not a port number"),
     "a Realtime simulator port in use": Mistake(
