@@ -1,22 +1,27 @@
-"""Renders the TwiML documents in twiml/ (readable, copyable by operators) with per-call values."""
+"""Renders the TwiML documents in twiml/ (readable, copyable by operators) with per-call values.
+
+The folder is installed as the package `bot.twiml_documents`, so the documents are found the
+same way in a checkout and in site-packages.
+"""
 
 from __future__ import annotations
 
 import re
 from functools import cache
+from importlib.resources import files
 from string import Template
 from xml.sax.saxutils import escape
 
-from bot.settings import PACKAGE_DIR, Settings
+from bot.settings import Settings
 
-TWIML_DIR = PACKAGE_DIR.parent / "twiml"
+TWIML_DIR = files("bot.twiml_documents")
 _COMMENT = re.compile(r"<!--.*?-->\s*", re.DOTALL)
 
 
 @cache
 def _template(name: str) -> Template:
     """The document without its operator comments (Twilio needs none of them)."""
-    return Template(_COMMENT.sub("", (TWIML_DIR / name).read_text(encoding="utf-8")))
+    return Template(_COMMENT.sub("", TWIML_DIR.joinpath(name).read_text(encoding="utf-8")))
 
 
 def _render(name: str, **values: str) -> str:
