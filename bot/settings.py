@@ -66,6 +66,7 @@ class Settings(BaseModel):
     twilio_auth_token: str | None = Field(None, alias="TWILIO_AUTH_TOKEN")
     twilio_from_number: str | None = Field(None, alias="TWILIO_FROM_NUMBER")
     twilio_api_base: str = Field("https://api.twilio.com", alias="TWILIO_API_BASE")
+    twilio_timeout_s: float = Field(10.0, alias="TWILIO_TIMEOUT_S", gt=0, le=60)
     store_phone_number: str | None = Field(None, alias="STORE_PHONE_NUMBER")
     transfer_dtmf_key: str = Field("0", alias="TRANSFER_DTMF_KEY", pattern=r"^[0-9*#]$")
     sms_include_picture: bool = Field(False, alias="SMS_INCLUDE_PICTURE")
@@ -80,6 +81,9 @@ class Settings(BaseModel):
     catalog_path: Path = Field(SAMPLE_CATALOG_PATH, alias="CATALOG_PATH")
     media_base_url: str = Field("https://shop.example.com/media/", alias="MEDIA_BASE_URL")
     database_path: Path = Field(Path("voicebot.sqlite3"), alias="DATABASE_PATH")
+    database_url: str | None = Field(None, alias="DATABASE_URL")
+    outbox_retention_days: float = Field(30, alias="OUTBOX_RETENTION_DAYS", gt=0)
+    web_concurrency: int = Field(1, alias="WEB_CONCURRENCY", ge=1, le=256)
 
     realtime_reconnect_timeout_s: float = Field(10.0, alias="REALTIME_RECONNECT_TIMEOUT_S", gt=0)
     realtime_session_max_s: float = Field(55 * 60, alias="REALTIME_SESSION_MAX_S", gt=60)
@@ -163,6 +167,16 @@ class Settings(BaseModel):
                 f"{WEBHOOK_KEY_MIN_BYTES} random bytes; make one with {MAKE_WEBHOOK_SECRET}"
             )
         return WEBHOOK_SECRET_PREFIX + encoded
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres") or not parts.netloc:
+            raise ValueError("must be a postgresql://user:password@host:port/database URL")
+        return value
 
     @field_validator("store_phone_number", "twilio_from_number")
     @classmethod
@@ -273,7 +287,7 @@ def load_settings(
         for error in exc.errors():
             name = str(error["loc"][0]) if error["loc"] else "settings"
             shown = cleaned.get(name, "")
-            secret = any(word in name for word in ("KEY", "TOKEN", "SECRET"))
+            secret = any(word in name for word in ("KEY", "TOKEN", "SECRET")) or name == "DATABASE_URL"
             value = "" if secret else f" (got {shown!r})"
             message = error["msg"].removeprefix("Value error, ")
             lines.append(f"{name}: {message}{value}")

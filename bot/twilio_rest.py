@@ -177,6 +177,7 @@ class TwilioRest:
             http=http,
             from_number=settings.twilio_from_number,
             api_base=settings.twilio_api_base,
+            timeout_s=settings.twilio_timeout_s,
         )
 
     async def send_sms(self, to: str, body: str, media_urls: Sequence[str] = ()) -> str:
