@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "call": ("bot.sim.phone", "place simulated Twilio calls to a running bot"),
     "sim": ("bot.sim.__main__", "run a simulator on its own: realtime | twilio-api"),
     "catalog": ("bot.catalog", "check, import or search a product catalog"),
-    "outbox": ("bot.delivery", "list pending and failed SMS and webhook deliveries"),
+    "outbox": ("bot.outbox.cli", "list, retry and re-enable SMS and webhook deliveries"),
 }
 # A module only an optional extra installs -> that extra's name.
 EXTRA_FOR_MODULE = {"openai": "sim"}

@@ -35,13 +35,13 @@ from bot import __version__
 from bot.bridge import BridgeDeps, serve_media_stream
 from bot.catalog import Catalog, CatalogError
 from bot.cli import CommandParser, port_number
-from bot.delivery import Outbox, running_delivery
 from bot.ephemeral import OpenAIRefused, OpenAITimedOut, OpenAIUnreachable, mint_client_secret
 from bot.logs import CallLog, configure_logging, mask_phone
+from bot.outbox import Outbox, open_outbox, running_outbox
 from bot.ratelimit import SlidingWindowLimiter
 from bot.settings import Settings, SettingsError, load_settings
 from bot.stream_token import mint_stream_token
-from bot.tools import BrowserTools, StoreTools
+from bot.tools import BrowserTools, OutboxUnavailable, StoreTools
 from bot.twilio_rest import TwilioRest
 from bot.twilio_stream import MAX_MESSAGE_BYTES
 from bot.twiml import render_fallback_twiml, render_stream_twiml, render_transfer_twiml
@@ -102,15 +102,19 @@ class Runtime:
     def degraded(self) -> dict[str, str]:
         """Why the bot is not fully working right now, for /healthz."""
         reasons: dict[str, str] = {}
-        if self.outbox is not None and self.outbox.write_error:
-            reasons["outbox"] = self.outbox.write_error
+        if self.outbox is not None:
+            reasons.update(self.outbox.problems())
         if self.bridge is not None and self.bridge.stats.last_realtime_refusal:
             reasons["realtime"] = self.bridge.stats.last_realtime_refusal
         return reasons
 
 
 def stream_signing_key(settings: Settings) -> bytes:
-    """The configured key; else one derived from the Twilio token; else a per-process secret."""
+    """The configured key; else one derived from the Twilio token; else a per-process secret.
+
+    A per-process secret only works where one process serves every call: `serve` refuses to
+    start several workers, or instances sharing DATABASE_URL, without a stable key.
+    """
     if settings.stream_signing_key:
         return settings.stream_signing_key.encode()
     if settings.twilio_auth_token:
@@ -130,7 +134,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         catalog = await asyncio.to_thread(Catalog.load, settings.catalog_path)
     async with httpx.AsyncClient(follow_redirects=False) as http:
         twilio = TwilioRest.from_settings(settings, http)
-        async with running_delivery(settings, http, twilio=twilio) as outbox:
+        async with running_outbox(settings, http, twilio=twilio) as outbox:
             tools = StoreTools(
                 catalog,
                 outbox,
@@ -422,6 +426,33 @@ async def healthz(request: Request) -> Response:
 # --- python -m bot serve ---------------------------------------------------------------
 
 
+def app_from_environment() -> Starlette:
+    """The app as `serve` runs it in each worker process: settings from the environment and .env."""
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)
+
+
+def shared_key_problem(settings: Settings, workers: int) -> str | None:
+    """Why several processes could not share stream tokens, or None when they can."""
+    if settings.stream_signing_key or settings.twilio_auth_token:
+        return None
+    if workers == 1 and not settings.database_url:
+        return None
+    why = f"--workers {workers}" if workers > 1 else "DATABASE_URL (instances that share work)"
+    return (
+        f"STREAM_SIGNING_KEY: not set, nor TWILIO_AUTH_TOKEN to derive it from; with {why}, a stream "
+        "token minted by one process must be accepted by every other: set STREAM_SIGNING_KEY to one "
+        "random value on every instance"
+    )
+
+
+async def check_outbox(settings: Settings) -> None:
+    """Open (creating or migrating) and close the outbox, so a bad database stops start-up early."""
+    outbox = await open_outbox(settings)
+    await outbox.close()
+
+
 def main(argv: list[str]) -> int:
     parser = CommandParser(
         prog="python -m bot serve",
@@ -432,6 +463,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--host", help="bind address (default: HOST or 0.0.0.0)")
     parser.add_argument("--port", type=port_number, help="port (default: PORT or 5052)")
+    parser.add_argument("--workers", type=int, help="worker processes (default: WEB_CONCURRENCY or 1)")
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
@@ -439,13 +471,27 @@ def main(argv: list[str]) -> int:
         print(exc, file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    workers = args.workers or settings.web_concurrency
+    if workers < 1:
+        parser.error("--workers must be at least 1")
+    problem = shared_key_problem(settings, workers)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 2
     try:
-        catalog = Catalog.load(settings.catalog_path)
+        Catalog.load(settings.catalog_path)
     except CatalogError as exc:
         print(f"CATALOG_PATH: {exc}", file=sys.stderr)
         return 2
+    try:
+        asyncio.run(check_outbox(settings))
+    except OutboxUnavailable as exc:
+        print(exc, file=sys.stderr)
+        return 2
     uvicorn.run(
-        create_app(settings, catalog=catalog),
+        "bot.app:app_from_environment",
+        factory=True,
+        workers=workers,
         host=args.host or settings.host,
         port=args.port or settings.port,
         ws_max_size=MAX_MESSAGE_BYTES,

@@ -75,7 +75,9 @@ WARNING_NOTES = frozenset({"realtime_error", "realtime_bad_audio_delta"})
 class CallRecordSink(Protocol):
     """Where the end-of-call record goes (the durable outbox)."""
 
-    async def add_call_completed(self, *, call_sid: str, caller: str, record: dict[str, Any]) -> str: ...
+    async def add_call_completed(
+        self, *, call_sid: str, caller: str, record: dict[str, Any]
+    ) -> str | None: ...
 
 
 @dataclass

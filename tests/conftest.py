@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from bot.sim.postgres import INSTALL_HINT, LocalPostgres, find_bin_dir
+
 FORBID_SKIPS_ENV = "VOICEBOT_FORBID_SKIPS"
 
 
@@ -26,3 +28,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.skipped and os.environ.get(FORBID_SKIPS_ENV) == "1" and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped, but {FORBID_SKIPS_ENV}=1 forbids skips here: {report.longrepr}"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[LocalPostgres]:
+    """A real PostgreSQL server for the session (Debian's binaries, a temporary folder, loopback)."""
+    if find_bin_dir() is None:
+        pytest.skip(f"no PostgreSQL server here: {INSTALL_HINT}")
+    server = LocalPostgres()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove()

@@ -1,9 +1,10 @@
 """kill -9 mid-relay, restart: nothing queued is lost, the SMS goes out once, webhooks keep their id.
 
-The relay runs in a subprocess against the Twilio stand-in and a webhook receiver in this test.
-The first process is killed while its SMS request hangs (Twilio has created the message but not
-answered) and while a webhook is between retries; the second must settle the SMS by lookup and
-finish the webhooks under the same ids.
+The relay runs in a subprocess (`python -m bot outbox relay`) against the Twilio stand-in and a
+webhook receiver in this test. The first process is killed while its SMS request hangs (Twilio
+has created the message but not answered) and while a webhook is between retries; the second
+takes the rows over once the dead relay's lease expires (short timeouts make that ~7 s), settles
+the SMS by lookup and finishes the webhooks under the same ids.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 from standardwebhooks import Webhook
 
-from bot.delivery import Outbox, OutboxRow
+from bot.outbox import Outbox, OutboxRow
+from bot.outbox.sqlite import SqliteStore
 from bot.products import ProductsCollection
 from bot.settings import SAMPLE_CATALOG_PATH
 from bot.sim.twilio_api import TwilioApiSimulator
@@ -31,21 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 CALLER = "+15551230001"
 STORE = "+15557654321"
 SECRET = "whsec_" + base64.b64encode(b"restart test secret, 32 bytes..!").decode()
-WAIT_S = 15.0
-RELAY = """
-import asyncio, httpx
-from bot.delivery import running_delivery
-from bot.logs import configure_logging
-from bot.settings import load_settings
-
-async def relay() -> None:
-    settings = load_settings(dotenv=None)
-    async with httpx.AsyncClient() as http, running_delivery(settings, http):
-        await asyncio.Event().wait()
-
-configure_logging("INFO", "text")
-asyncio.run(relay())
-"""
+WAIT_S = 20.0
+RELAY_COMMAND = (sys.executable, "-m", "bot", "outbox", "relay")
 
 
 @pytest.fixture
@@ -59,7 +48,15 @@ async def spawn_relay(env: dict[str, str], log_path: Path) -> asyncio.subprocess
     log = log_path.open("ab")
     try:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-c", RELAY, cwd=REPO, env=env, stdout=log, stderr=log
+            sys.executable,
+            "-m",
+            "bot",
+            "outbox",
+            "relay",
+            cwd=log_path.parent,
+            env=env,
+            stdout=log,
+            stderr=log,
         )
     finally:
         log.close()
@@ -67,7 +64,7 @@ async def spawn_relay(env: dict[str, str], log_path: Path) -> asyncio.subprocess
 
 async def settled_rows(db: Path) -> list[OutboxRow]:
     """The outbox once the relay has recorded every outcome (it writes just after each answer)."""
-    async with Outbox(db) as outbox:
+    async with Outbox(SqliteStore(db)) as outbox:
         for _ in range(int(WAIT_S / 0.05)):
             rows = await outbox.list_rows()
             if all(r.state == "sent" for r in rows):
@@ -102,17 +99,21 @@ async def test_a_relay_killed_mid_retry_resumes_after_restart_with_nothing_lost(
         "TWILIO_API_BASE": sim.base_url,
         "WEBHOOK_URL": receiver.url,
         "WEBHOOK_SECRET": SECRET,
-        "WEBHOOK_RETRY_SCHEDULE_S": ",".join(["0.2"] * 30),
+        "WEBHOOK_RETRY_SCHEDULE_S": ",".join(["0.2"] * 100),
+        "TWILIO_TIMEOUT_S": "2",
+        "WEBHOOK_TIMEOUT_S": "2",
+        "LOG_FORMAT": "text",
     }
     log_path = tmp_path / "relay.log"
     try:
-        async with Outbox(db) as outbox:
+        async with Outbox(SqliteStore(db)) as outbox:
             products_id = await outbox.add_product_details(
                 call_sid="CA" + "b" * 32, caller=CALLER, collection=collection()
             )
             call_id = await outbox.add_call_completed(
                 call_sid="CA" + "b" * 32, caller=CALLER, record={"duration_s": 61}
             )
+            assert call_id is not None
         sim.hang_next(1, seconds=30)
 
         first = await spawn_relay(env, log_path)

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bot.delivery import sign_webhook, webhook_key
+from bot.outbox.messages import sign_webhook, webhook_key
 from bot.sim.server import LocalServer
 
 Action = tuple[Any, ...]
