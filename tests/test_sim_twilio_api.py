@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -171,6 +172,26 @@ async def test_hang_next_creates_the_message_and_delays_the_answer(
     with pytest.raises(httpx.ReadTimeout):
         await client.post("/Messages.json", data={"To": CALLER, "From": STORE, "Body": "slow"}, timeout=0.2)
     assert [m["body"] for m in sim.messages] == ["slow"]
+
+
+async def test_a_slow_create_makes_the_message_only_at_the_end_of_its_delay(
+    sim: TwilioApiSimulator, client: httpx.AsyncClient
+) -> None:
+    sim.create_delay_s = 0.3
+    sending = asyncio.create_task(send(client))
+    await asyncio.sleep(0.15)
+    assert sim.messages == [], "not created yet: a lookup now finds nothing"
+    assert (await sending).status_code == 201
+    assert len(sim.messages) == 1
+
+
+async def test_an_ambiguous_once_number_gets_its_message_but_its_first_create_answers_500(
+    sim: TwilioApiSimulator, client: httpx.AsyncClient
+) -> None:
+    sim.ambiguous_once.add(CALLER)
+    first, second = await send(client), await send(client)
+    assert (first.status_code, second.status_code) == (500, 201)
+    assert len(sim.messages_to(CALLER)) == 2
 
 
 async def test_a_live_call_is_updated_then_ended_and_later_updates_get_21220(

@@ -161,7 +161,7 @@ class Outbox:
 
     async def _insert(self, rows: list[NewRow]) -> None:
         try:
-            await self._write(self.store.insert(rows))
+            await self._write(self.store.insert(rows), proves_room=True)
         except OutboxUnavailable as exc:
             log.error("outbox write failed: nothing queued", extra={"reason": str(exc)})
             raise
@@ -278,18 +278,23 @@ class Outbox:
         return await self._write(self.store.enable_endpoints(url))
 
     async def probe(self) -> None:
-        await self._write(self.store.probe())
+        await self._write(self.store.probe(), proves_room=True)
 
     # -- whether the database works right now
 
-    async def _write(self, operation: Awaitable[T]) -> T:
-        """A write that succeeds proves the outbox writable again; one that fails says why not."""
+    async def _write(self, operation: Awaitable[T], *, proves_room: bool = False) -> T:
+        """A write that fails says why the outbox is unusable.
+
+        Only a write the size of a message (an insert, the probe) proves it usable again: on a
+        nearly full disk, small in-place updates still succeed while a message would not fit.
+        """
         try:
             result = await operation
         except OutboxUnavailable as exc:
             self.problem = str(exc)
             raise
-        self.problem = None
+        if proves_room:
+            self.problem = None
         return result
 
     async def _read(self, operation: Awaitable[T]) -> T:

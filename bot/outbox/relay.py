@@ -215,14 +215,14 @@ class Relay:
         await asyncio.gather(*(self._relay(claim) for claim in claims))
         return len(claims)
 
-    async def purge_settled(self) -> int:
+    async def purge_settled(self, batch_rows: int = PURGE_BATCH_ROWS) -> int:
         """Delete rows settled more than OUTBOX_RETENTION_DAYS ago, a small batch per transaction."""
         before = self.clock() - self.settings.outbox_retention_days * SECONDS_PER_DAY
         total = 0
         while True:
-            purged = await self.outbox.purge(before, PURGE_BATCH_ROWS)
+            purged = await self.outbox.purge(before, batch_rows)
             total += purged
-            if purged < PURGE_BATCH_ROWS:
+            if purged < batch_rows:
                 break
         if total:
             log.info(
@@ -262,15 +262,19 @@ class Relay:
                 await self._wait_for_wake(wait_s)
 
     async def _maintain(self) -> None:
-        """Hand back rows whose result could not be written, check the webhook endpoint, purge."""
+        """Wait out an unwritable outbox, hand back rows whose outcome it missed, check, purge.
+
+        While the last write failed, nothing is claimed until a message-sized write fits again
+        (the probe raises until then, and the loop backs off).
+        """
+        if self.outbox.problem:
+            await self.outbox.probe()
         if self._orphans:
             orphans = self._orphans - set(self._inflight)
             released = await self.outbox.release(self.owner, orphans)
             self._orphans -= orphans
             if released:
                 log.info("resuming deliveries whose outcome could not be recorded", extra={"rows": released})
-        elif self.outbox.problem:
-            await self.outbox.probe()
         await self._check_endpoint()
         if self.clock() - self._purged_at >= PURGE_EVERY_S:
             self._purged_at = self.clock()

@@ -89,7 +89,7 @@ class SqliteStore(OutboxStore):
         try:
             await self._run(self._open)
         except (OutboxUnavailable, OSError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            reason = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) else str(exc)
             raise OutboxUnavailable(f"DATABASE_PATH {self.path}: cannot open the outbox ({reason})") from exc
 
     def subscribe(self, wake: Callable[[], None]) -> None:

@@ -4,7 +4,7 @@ It answers like Twilio does where the bot depends on it: Basic auth against the 
 auth token, form-encoded requests, Twilio-shaped JSON resources and pages, Twilio error bodies
 (`code`, `message`, `more_info`, `status`), and fault switches for the failures the bot must
 survive: 5xx (optionally after creating the message, the ambiguous case), 429 with Retry-After,
-and responses held back long enough for a client to time out.
+responses held back long enough for a client to time out, and a Twilio slow to create messages.
 
 Calls: the bot only updates calls Twilio created, which the stand-in never sees (the simulated
 phone dials the app directly). So an unknown call SID is taken as a live call on its first
@@ -121,7 +121,10 @@ class TwilioApiSimulator:
     (call SID and the fields posted); `on_record(kind, entry)` hears each as it happens, and
     each request refused for its credentials (kind `auth_refused`). Numbers refused like Twilio
     refuses them: add to `invalid_numbers` (21211), `unsubscribed` (21610), `landlines` (21614).
-    Fault switches: `fail_next`, `hang_next`.
+    Fault switches: `fail_next`, `hang_next` (the next requests, whatever they are);
+    `create_delay_s` (every message create takes that long, the message appearing only at its
+    end, as when Twilio is slow); `ambiguous_once` (numbers whose next create is carried out,
+    then answered 500).
     """
 
     def __init__(
@@ -143,6 +146,8 @@ class TwilioApiSimulator:
         self.calls_in_progress: set[str] = set()
         self.calls_ended: set[str] = set()
         self.request_count = 0
+        self.create_delay_s = 0.0
+        self.ambiguous_once: set[str] = set()
         self._faults: list[_Fault] = []
         self._on_record = on_record
         self._server: LocalServer | None = None
@@ -184,8 +189,9 @@ class TwilioApiSimulator:
         """Forget every record, number list, call and pending fault (one simulator, many tests)."""
         for collection in (self.messages, self.call_updates, self._faults):
             collection.clear()
-        for numbers in (self.unsubscribed, self.invalid_numbers, self.landlines):
+        for numbers in (self.unsubscribed, self.invalid_numbers, self.landlines, self.ambiguous_once):
             numbers.clear()
+        self.create_delay_s = 0.0
         self.calls_in_progress.clear()
         self.calls_ended.clear()
         self.request_count = 0
@@ -264,6 +270,13 @@ class TwilioApiSimulator:
             return exc.response(
                 {"WWW-Authenticate": 'Basic realm="Twilio API"'} if exc.status == 401 else None
             )
+        if self.create_delay_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.create_delay_s)
+        to = str(form.get("To", ""))
+        if fault is None and to in self.ambiguous_once:
+            self.ambiguous_once.discard(to)
+            fault = _Fault(500, create_anyway=True)
         return await self._answer(fault, lambda: self._create_message(form), creates=True)
 
     def _validate_message(self, form: FormData) -> None:
