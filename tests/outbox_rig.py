@@ -140,6 +140,12 @@ class Rig:
             call_sid=CALL_SID, caller=caller, collection=collection(products)
         )
 
+    async def add_record(self, **record: Any) -> str:
+        """A call.completed event (webhooks are on in the rig's outbox, so it is queued)."""
+        message_id = await self.outbox.add_call_completed(call_sid=CALL_SID, caller=CALLER, record=record)
+        assert message_id is not None
+        return message_id
+
 
 async def drain(relay: Relay, clock: FakeClock, max_rounds: int = 60) -> None:
     """Relay until nothing is left to do, jumping the clock to each next due row."""

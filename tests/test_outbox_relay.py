@@ -296,7 +296,7 @@ async def test_a_410_disables_webhooks_to_that_url_with_one_alert_until_an_opera
 ) -> None:
     rig.receiver.script = [(410, {})]
     first = await rig.add()
-    second = await rig.outbox.add_call_completed(call_sid=CALL_SID, caller=CALLER, record={})
+    second = await rig.add_record()
     relay = rig.relay()
     with caplog.at_level(logging.INFO, logger="bot.outbox.relay"):
         await drain(relay, rig.clock)
@@ -320,7 +320,7 @@ async def test_a_410_disables_webhooks_to_that_url_with_one_alert_until_an_opera
 
 async def test_a_410_seen_by_one_relay_holds_webhooks_for_every_relay_sharing_the_outbox(rig: Rig) -> None:
     rig.receiver.script = [(410, {})]
-    await rig.outbox.add_call_completed(call_sid=CALL_SID, caller=CALLER, record={})
+    await rig.add_record()
     await drain(rig.relay(), rig.clock)
     async with opened(rig.stores, rig.clock) as elsewhere:
         await elsewhere.add_call_completed(call_sid=CALL_SID, caller=CALLER, record={})
@@ -435,7 +435,7 @@ async def test_the_running_relay_relays_a_new_row_at_once(rig: Rig) -> None:
     try:
         await asyncio.sleep(0.1)
         started = time.monotonic()
-        await rig.outbox.add_call_completed(call_sid=CALL_SID, caller=CALLER, record={})
+        await rig.add_record()
         await rig.receiver.wait_acknowledged(1)
     finally:
         await relay.stop()
@@ -445,7 +445,7 @@ async def test_the_running_relay_relays_a_new_row_at_once(rig: Rig) -> None:
 async def test_the_running_relay_never_has_more_attempts_in_flight_than_its_cap(rig: Rig) -> None:
     rig.receiver.script = [("hang", 0.2)] * 6
     for _ in range(6):
-        await rig.outbox.add_call_completed(call_sid=CALL_SID, caller=CALLER, record={})
+        await rig.add_record()
     relay = rig.relay()
     relay.clock, relay.max_concurrent = time.time, 2
     await relay.start()

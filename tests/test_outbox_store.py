@@ -122,7 +122,7 @@ async def test_a_dead_relays_rows_wait_for_its_lease_then_the_sms_is_looked_up_a
     rig: Rig,
 ) -> None:
     sms_id = await rig.add()
-    hook_id = await rig.outbox.add_call_completed(call_sid=CALL_SID, caller=CALLER, record={})
+    hook_id = await rig.add_record()
     survivor = rig.relay()
     lease_until = rig.clock() + survivor.lease_s
     dead = await rig.outbox.claim(rig.clock(), 10, ("sms", "webhook"), "dead-relay", lease_until)
@@ -160,7 +160,7 @@ async def test_a_relay_whose_lease_ran_out_sends_nothing_more_on_that_row(
 
 async def test_a_relay_that_stops_cleanly_hands_its_rows_back_at_once(rig: Rig) -> None:
     sms_id = await rig.add()
-    hook_id = await rig.outbox.add_call_completed(call_sid=CALL_SID, caller=CALLER, record={})
+    hook_id = await rig.add_record()
     stopping = rig.relay()
     await rig.outbox.claim(rig.clock(), 10, ("sms", "webhook"), stopping.owner, rig.clock() + 60)
     await stopping.stop()
@@ -181,7 +181,7 @@ async def test_settled_rows_past_the_retention_are_purged_in_batches_and_open_on
     await rig.add(caller="+15551230009")
     await drain(relay, rig.clock)
     rig.receiver.script = [(503, {})] * 5
-    open_id = await rig.outbox.add_call_completed(call_sid=CALL_SID, caller=CALLER, record={})
+    open_id = await rig.add_record()
     await relay.relay_due()
     rig.clock.advance(29 * SECONDS_PER_DAY)
     assert await relay.purge_settled() == 0
