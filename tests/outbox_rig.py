@@ -1,7 +1,7 @@
 """Shared by the outbox tests: a fake clock, settings, both stores, and a rig of stand-ins.
 
 The stores are the real ones: SQLite in the test's folder, PostgreSQL on the session's server
-(tests/conftest.py), emptied before each test.
+(tests/conftest.py), emptied before each test. The fixtures are in tests/outbox/conftest.py.
 """
 
 from __future__ import annotations

@@ -11,34 +11,25 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 
-import httpx
 import pytest
 from outbox_rig import (
     CALL_SID,
     CALLER,
     SECRET,
     STORE,
-    STORES,
-    FakeClock,
     Rig,
     collection,
     drain,
     drain_one,
-    empty_postgres,
     opened,
-    store_factory,
     verify,
 )
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from bot.outbox.messages import sms_reference
-from bot.sim.postgres import LocalPostgres
-from bot.sim.twilio_api import TwilioApiSimulator
 from bot.sim.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.anyio
@@ -46,45 +37,8 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(scope="module")
 def anyio_backend() -> str:
-    """One event loop for the module, so the servers below start once, not once per test."""
+    """One event loop for the module, so the stand-ins start once, not once per test."""
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-async def shared_sim() -> AsyncIterator[TwilioApiSimulator]:
-    async with TwilioApiSimulator("AC" + "0" * 32, "token") as sim:
-        yield sim
-
-
-@pytest.fixture(scope="module")
-async def shared_receiver() -> AsyncIterator[WebhookReceiver]:
-    async with WebhookReceiver() as receiver:
-        yield receiver
-
-
-@pytest.fixture(scope="module")
-def postgres_url(request: pytest.FixtureRequest) -> str:
-    server: LocalPostgres = request.getfixturevalue("postgres")
-    return server.create_database()
-
-
-@pytest.fixture(params=STORES)
-async def rig(
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    shared_sim: TwilioApiSimulator,
-    shared_receiver: WebhookReceiver,
-) -> AsyncIterator[Rig]:
-    clock = FakeClock()
-    shared_sim.reset()
-    shared_receiver.script.clear()
-    shared_receiver.received.clear()
-    shared_receiver.peak = 0
-    stores = store_factory(request.param, tmp_path, lambda: request.getfixturevalue("postgres_url"))
-    async with opened(stores, clock) as outbox, httpx.AsyncClient() as http:
-        if request.param == "postgres":
-            await empty_postgres(request.getfixturevalue("postgres_url"))
-        yield Rig(clock, shared_sim, shared_receiver, outbox, http, tmp_path, stores)
 
 
 # ---------------------------------------------------------------- the outbox

@@ -11,7 +11,6 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -21,14 +20,11 @@ from outbox_rig import (
     CALL_SID,
     CALLER,
     MEDIA,
-    STORES,
     FakeClock,
     Rig,
     collection,
     drain,
-    empty_postgres,
     opened,
-    store_factory,
 )
 
 from bot.outbox import Outbox
@@ -46,43 +42,8 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(scope="module")
 def anyio_backend() -> str:
+    """One event loop for the module, so the stand-ins start once, not once per test."""
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-async def shared_sim() -> AsyncIterator[TwilioApiSimulator]:
-    async with TwilioApiSimulator("AC" + "0" * 32, "token") as sim:
-        yield sim
-
-
-@pytest.fixture(scope="module")
-async def shared_receiver() -> AsyncIterator[WebhookReceiver]:
-    async with WebhookReceiver() as receiver:
-        yield receiver
-
-
-@pytest.fixture(scope="module")
-def postgres_url(request: pytest.FixtureRequest) -> str:
-    server: LocalPostgres = request.getfixturevalue("postgres")
-    return server.create_database()
-
-
-@pytest.fixture(params=STORES)
-async def rig(
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    shared_sim: TwilioApiSimulator,
-    shared_receiver: WebhookReceiver,
-) -> AsyncIterator[Rig]:
-    clock = FakeClock()
-    shared_sim.reset()
-    shared_receiver.script.clear()
-    shared_receiver.received.clear()
-    stores = store_factory(request.param, tmp_path, lambda: request.getfixturevalue("postgres_url"))
-    async with opened(stores, clock) as outbox, httpx.AsyncClient() as http:
-        if request.param == "postgres":
-            await empty_postgres(request.getfixturevalue("postgres_url"))
-        yield Rig(clock, shared_sim, shared_receiver, outbox, http, tmp_path, stores)
 
 
 async def wait_for(condition: object, timeout_s: float = 10.0) -> None:
