@@ -25,7 +25,7 @@ import statistics
 import time
 import xml.etree.ElementTree as ET
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -787,6 +787,7 @@ async def _place_call(
     webhook_path: str,
     record_frames: bool,
     http: httpx.AsyncClient | None,
+    before_stream: Callable[[], Awaitable[None]] | None,
 ) -> PhoneCall:
     t0 = time.monotonic()
     events: list[PhoneEvent] = []
@@ -821,6 +822,8 @@ async def _place_call(
         events=events,
     )
     if result.stream_url is not None:
+        if before_stream is not None:
+            await before_stream()
         stream_headers = {}
         if sign if sign_stream is None else sign_stream:
             stream_headers[SIGNATURE_HEADER] = compute_signature(auth_token, result.stream_url, {})
@@ -866,6 +869,7 @@ def dial(
     webhook_path: str = VOICE_WEBHOOK_PATH,
     record_frames: bool = True,
     http: httpx.AsyncClient | None = None,
+    before_stream: Callable[[], Awaitable[None]] | None = None,
 ) -> Dialing:
     """Places a call to the app at `app_url` (its base URL) the way Twilio does.
 
@@ -874,7 +878,9 @@ def dial(
     `start_stream=False` only `connected` is sent until `send_start()`; `custom_parameters`
     replaces the TwiML `<Parameter>`s in `start`. `pace=False` sends queued audio as fast as
     possible; `record_frames=False` skips one event per outgoing frame (long load tests).
-    Pass a shared `http` client when placing many calls.
+    Pass a shared `http` client when placing many calls. `before_stream` runs between the
+    webhook's answer and the stream's upgrade, as the gap between Twilio's two requests (a test
+    can steer each to a different server process there).
     """
 
     def place() -> Coroutine[Any, Any, PhoneCall]:
@@ -893,6 +899,7 @@ def dial(
             webhook_path=webhook_path,
             record_frames=record_frames,
             http=http,
+            before_stream=before_stream,
         )
 
     return Dialing(place)
