@@ -20,6 +20,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLE_CATALOG_PATH = PACKAGE_DIR / "data" / "catalog.json"
 # Standard Webhooks' suggested schedule, stretched to about three days of retries.
 DEFAULT_WEBHOOK_RETRY_SCHEDULE_S = (5, 300, 1800, 7200, 18000, 36000, 36000, 72000, 86400)
+DEFAULT_MEDIA_BASE_URL = "https://shop.example.com/media/"
 WEBHOOK_SECRET_PREFIX = "whsec_"
 # Standard Webhooks: a signing key is 24 to 64 random bytes, shared as base64 behind `whsec_`.
 WEBHOOK_KEY_MIN_BYTES = 24
@@ -79,7 +80,7 @@ class Settings(BaseModel):
     webhook_timeout_s: float = Field(15.0, alias="WEBHOOK_TIMEOUT_S", gt=0, le=60)
 
     catalog_path: Path = Field(SAMPLE_CATALOG_PATH, alias="CATALOG_PATH")
-    media_base_url: str = Field("https://shop.example.com/media/", alias="MEDIA_BASE_URL")
+    media_base_url: str = Field(DEFAULT_MEDIA_BASE_URL, alias="MEDIA_BASE_URL")
     database_path: Path = Field(Path("voicebot.sqlite3"), alias="DATABASE_PATH")
     database_url: str | None = Field(None, alias="DATABASE_URL")
     outbox_retention_days: float = Field(30, alias="OUTBOX_RETENTION_DAYS", gt=0)

@@ -52,6 +52,7 @@ async def test_adding_details_writes_the_sms_and_a_webhook_waiting_for_it_in_one
         (message_id, "webhook", "waiting"),
     ]
     assert rows[0].recipient == CALLER
+    assert rows[0].body is not None and f"Ref {sms_reference(message_id)}" in rows[0].body
     assert rows[1].payload["data"]["caller"] == "***0001"
 
 

@@ -110,7 +110,12 @@ def relay_only(settings: Settings) -> int:
             await stop.wait()
 
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(relay())
+    try:
+        import uvloop  # the loop serve runs on (uvicorn picks it); not on every platform
+    except ImportError:
+        asyncio.run(relay())
+    else:
+        uvloop.run(relay())
     return 0
 
 

@@ -109,6 +109,22 @@ def render_sms(
     return parts
 
 
+@dataclass(frozen=True, slots=True)
+class SmsStyle:
+    """How a message's text is written (MEDIA_BASE_URL, SMS_INCLUDE_PICTURE)."""
+
+    media_base_url: str
+    include_picture: bool = False
+
+    def render(self, message_id: str, collection: ProductsCollection) -> list[SmsPart]:
+        return render_sms(
+            collection,
+            reference=sms_reference(message_id),
+            media_base_url=self.media_base_url,
+            include_picture=self.include_picture,
+        )
+
+
 def sms_ref_line(reference: str, part: int, total: int) -> str:
     return f"Ref {reference}" if total == 1 else f"Ref {reference} ({part}/{total})"
 

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import Any, TypeVar
 
 from bot.logs import mask_phone
-from bot.outbox.messages import event_body
+from bot.outbox.messages import SmsStyle, event_body, parts_json
 from bot.outbox.rows import (
     SETTLED_STATES,
     UPDATABLE,
@@ -29,11 +29,12 @@ from bot.outbox.rows import (
 from bot.outbox.sqlite import SqliteStore
 from bot.outbox.store import OutboxStore
 from bot.products import ProductsCollection
-from bot.settings import Settings
+from bot.settings import DEFAULT_MEDIA_BASE_URL, Settings
 from bot.tools import OutboxUnavailable, SmsOutcome
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SMS_STYLE = SmsStyle(DEFAULT_MEDIA_BASE_URL)
 # A tool waiting for its SMS re-reads the row this often: another process's relay may settle it.
 SMS_OUTCOME_POLL_S = 0.25
 
@@ -44,14 +45,21 @@ class Outbox:
     """The durable outbox of product details and call records. See the package docstring.
 
     `webhooks`: whether webhooks are configured; when they are not, no webhook row is queued
-    (they would pile up unsent), only the caller's SMS.
+    (they would pile up unsent), only the caller's SMS. The SMS text is written in `sms_style`
+    when the message is queued, so every attempt sends the same text.
     """
 
     def __init__(
-        self, store: OutboxStore, *, clock: Callable[[], float] = time.time, webhooks: bool = True
+        self,
+        store: OutboxStore,
+        *,
+        clock: Callable[[], float] = time.time,
+        webhooks: bool = True,
+        sms_style: SmsStyle = DEFAULT_SMS_STYLE,
     ) -> None:
         self.store = store
         self.webhooks = webhooks
+        self.sms_style = sms_style
         self._clock = clock
         self._listeners: list[Callable[[], None]] = []
         self._sms_waiters: dict[str, list[asyncio.Future[SmsOutcome]]] = {}
@@ -108,8 +116,9 @@ class Outbox:
             "collection": collection.model_dump(mode="json"),
         }
         payload = json.dumps({"data": data}, separators=(",", ":"))
+        text = parts_json(self.sms_style.render(message_id, collection))
         rows = [
-            NewRow(message_id, "sms", "products.sent", call_sid, caller, payload, None, "pending", now, now)
+            NewRow(message_id, "sms", "products.sent", call_sid, caller, payload, text, "pending", now, now)
         ]
         if self.webhooks:
             rows.append(
@@ -317,4 +326,6 @@ def open_store(settings: Settings, *, max_size_bytes: int | None = None) -> Outb
 
 async def open_outbox(settings: Settings, *, clock: Callable[[], float] = time.time) -> Outbox:
     """The configured outbox, connected and migrated; OutboxUnavailable names the setting if not."""
-    return await Outbox(open_store(settings), clock=clock, webhooks=settings.webhook_enabled).open()
+    style = SmsStyle(settings.media_base_url, settings.sms_include_picture)
+    outbox = Outbox(open_store(settings), clock=clock, webhooks=settings.webhook_enabled, sms_style=style)
+    return await outbox.open()

@@ -43,11 +43,11 @@ from bot import __version__
 from bot.logs import CallLog, mask_phone
 from bot.outbox.messages import (
     SmsPart,
+    SmsStyle,
     iso_utc,
     parts_from_json,
     parts_json,
     products_sent_body,
-    render_sms,
     sign_webhook,
     sms_ref_line,
     sms_reference,
@@ -399,7 +399,8 @@ class Relay:
             except TwilioPermanentError as exc:
                 await self._settle_sms(claim, call_log, "failed", sids, exc.code, exc.message)
                 return
-            await self._record(claim, result=sids)
+            if n + 1 < len(parts):  # the last part's SID is written with the outcome
+                await self._record(claim, result=sids)
         await self._settle_sms(claim, call_log, "sent", sids, None, None)
 
     async def _look_up_sent(
@@ -440,15 +441,12 @@ class Relay:
             raise TwilioAmbiguousError(f"Twilio did not answer within {timeout_s:g} s") from exc
 
     def _sms_parts(self, row: OutboxRow) -> list[SmsPart]:
+        """The text written when the message was queued (rows queued by version 1 have none yet)."""
         if row.body is not None:
             return parts_from_json(row.body)
         collection = ProductsCollection.model_validate(row.payload["data"]["collection"])
-        return render_sms(
-            collection,
-            reference=sms_reference(row.message_id),
-            media_base_url=self.settings.media_base_url,
-            include_picture=self.settings.sms_include_picture,
-        )
+        style = SmsStyle(self.settings.media_base_url, self.settings.sms_include_picture)
+        return style.render(row.message_id, collection)
 
     async def _retry_sms(
         self,
