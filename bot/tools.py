@@ -209,7 +209,7 @@ _E164 = re.compile(r"^\+[1-9]\d{7,14}$")
 class OutboxUnavailable(Exception):
     """The outbox could not store the message (disk full, database locked): nothing was queued.
 
-    Defined here, not in bot.delivery, so tools need not import the delivery machinery; the
+    Defined here, not in bot.outbox, so tools need not import the outbox machinery; the
     outbox raises it and the tool turns it into an answer the model can speak.
     """
 

@@ -154,7 +154,7 @@ class PostgresStore(OutboxStore):
             pool, self._pool = self._pool, None
             try:
                 await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_S)
-            except (*DB_ERRORS, asyncio.CancelledError):
+            except DB_ERRORS:
                 pool.terminate()
 
     def subscribe(self, wake: Callable[[], None]) -> None:
