@@ -280,15 +280,15 @@ class Relay:
             self._purged_at = self.clock()
             await self.purge_settled()
 
-    async def _check_endpoint(self, *, now: bool = False) -> None:
+    async def _check_endpoint(self) -> None:
         """Learn whether WEBHOOK_URL was disabled (or re-enabled) by any relay or an operator."""
         url = self.settings.webhook_url
         if not self.settings.webhook_enabled or url is None:
             return
-        loop_now = asyncio.get_running_loop().time()
-        if not now and loop_now - self._endpoint_checked_at < self.endpoint_check_s:
+        now = asyncio.get_running_loop().time()
+        if now - self._endpoint_checked_at < self.endpoint_check_s:
             return
-        self._endpoint_checked_at = loop_now
+        self._endpoint_checked_at = now
         found = next((d for d in await self.outbox.disabled_endpoints() if d.url == url), None)
         if found is None and self.outbox.disabled_webhook is not None:
             log.info("webhooks re-enabled: held events go out now")
