@@ -23,6 +23,7 @@ from outbox_rig import (
     Rig,
     collection,
     drain,
+    empty_postgres,
     opened,
 )
 
@@ -310,6 +311,31 @@ async def test_processes_starting_together_migrate_a_new_postgres_database_once(
     finally:
         await conn.close()
     assert [v["version"] for v in versions] == [1]
+
+
+async def test_a_message_queued_by_another_process_wakes_a_postgres_relay_at_once(
+    postgres_url: str, shared_sim: TwilioApiSimulator, shared_receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    """NOTIFY, not the 5 s poll: the relay listening on another connection starts within a second."""
+    shared_receiver.received.clear()
+    listening = PostgresStore(postgres_url)
+    async with Outbox(listening) as outbox, Outbox(PostgresStore(postgres_url)) as elsewhere:
+        await empty_postgres(postgres_url)
+        async with httpx.AsyncClient() as http:
+            rig = Rig(FakeClock(), shared_sim, shared_receiver, outbox, http, tmp_path, lambda: listening)
+            relay = rig.relay()
+            relay.clock = time.time
+            await relay.start()
+            try:
+                await wait_for(lambda: listening.listening)
+                await asyncio.sleep(0.2)  # the relay is idle, its next poll seconds away
+                assert listening.poll_interval_s >= 5
+                queued = time.monotonic()
+                await elsewhere.add_call_completed(call_sid=CALL_SID, caller=CALLER, record={})
+                await shared_receiver.wait_acknowledged(1)
+                assert time.monotonic() - queued < 2.5
+            finally:
+                await relay.stop()
 
 
 async def test_an_unreachable_database_url_is_named_without_its_password() -> None:

@@ -10,7 +10,6 @@ system user (which that package creates).
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import shutil
 import socket
@@ -62,7 +61,9 @@ class LocalPostgres:
         self.data_dir = self.folder / "data"
         self.log_path = self.folder / "server.log"
         self._as_server_user: list[str] = []
-        if os.geteuid() == 0:
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            import pwd  # POSIX only, like running as root
+
             try:
                 user = pwd.getpwnam(SERVER_USER)
             except KeyError:
