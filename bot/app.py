@@ -34,7 +34,7 @@ from twilio.request_validator import RequestValidator, get_signature_algorithm
 from bot import __version__
 from bot.bridge import BridgeDeps, serve_media_stream
 from bot.catalog import Catalog, CatalogError
-from bot.cli import CommandParser, port_number
+from bot.cli import CommandParser, port_number, positive_int
 from bot.ephemeral import OpenAIRefused, OpenAITimedOut, OpenAIUnreachable, mint_client_secret
 from bot.logs import CallLog, configure_logging, mask_phone
 from bot.outbox import Outbox, open_outbox, running_outbox
@@ -463,7 +463,9 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--host", help="bind address (default: HOST or 0.0.0.0)")
     parser.add_argument("--port", type=port_number, help="port (default: PORT or 5052)")
-    parser.add_argument("--workers", type=int, help="worker processes (default: WEB_CONCURRENCY or 1)")
+    parser.add_argument(
+        "--workers", type=positive_int, help="worker processes (default: WEB_CONCURRENCY, else 1)"
+    )
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
@@ -472,14 +474,12 @@ def main(argv: list[str]) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     workers = args.workers or settings.web_concurrency
-    if workers < 1:
-        parser.error("--workers must be at least 1")
     problem = shared_key_problem(settings, workers)
     if problem is not None:
         print(problem, file=sys.stderr)
         return 2
     try:
-        Catalog.load(settings.catalog_path)
+        catalog = Catalog.load(settings.catalog_path)
     except CatalogError as exc:
         print(f"CATALOG_PATH: {exc}", file=sys.stderr)
         return 2
@@ -488,9 +488,14 @@ def main(argv: list[str]) -> int:
     except OutboxUnavailable as exc:
         print(exc, file=sys.stderr)
         return 2
+    # One process serves the app built here, with the catalog already loaded; several workers
+    # each build their own through the factory (uvicorn needs an import string to spawn them).
+    app: Starlette | str = "bot.app:app_from_environment"
+    if workers == 1:
+        app = create_app(settings, catalog=catalog)
     uvicorn.run(
-        "bot.app:app_from_environment",
-        factory=True,
+        app,
+        factory=workers > 1,
         workers=workers,
         host=args.host or settings.host,
         port=args.port or settings.port,

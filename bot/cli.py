@@ -24,3 +24,10 @@ def port_number(text: str) -> int:
     if not text.isdigit() or int(text) > MAX_PORT:
         raise argparse.ArgumentTypeError(f"not a port number (0 to {MAX_PORT}): {text!r}")
     return int(text)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a count of at least 1 (calls, worker processes)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)

@@ -1,7 +1,7 @@
 """Renders the TwiML documents in twiml/ (readable, copyable by operators) with per-call values.
 
-The folder is installed as the package `bot.twiml_documents`, so the documents are found the
-same way in a checkout and in site-packages.
+setuptools installs the folder as the package `bot.twiml_documents` (editable installs map it
+too); a checkout run without installing it finds the folder beside `bot/`.
 """
 
 from __future__ import annotations
@@ -9,12 +9,21 @@ from __future__ import annotations
 import re
 from functools import cache
 from importlib.resources import files
+from importlib.resources.abc import Traversable
 from string import Template
 from xml.sax.saxutils import escape
 
-from bot.settings import Settings
+from bot.settings import PACKAGE_DIR, Settings
 
-TWIML_DIR = files("bot.twiml_documents")
+
+def documents_dir() -> Traversable:
+    try:
+        return files("bot.twiml_documents")
+    except ModuleNotFoundError:
+        return PACKAGE_DIR.parent / "twiml"
+
+
+TWIML_DIR = documents_dir()
 _COMMENT = re.compile(r"<!--.*?-->\s*", re.DOTALL)
 
 

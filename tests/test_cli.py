@@ -175,6 +175,8 @@ MISTAKES = {
         ("catalog", "search", "washer", "--max-price", "cheap"), 2, "invalid float value: 'cheap'"
     ),
     "serve on a port that cannot exist": Mistake(("serve", "--port", "99999"), 2, "not a port number"),
+    "serve with no workers": Mistake(("serve", "--workers", "0"), 2, "--workers: must be a whole number"),
+    "outbox retry without a message id": Mistake(("outbox", "retry"), 2, "arguments are required: ID"),
     "serve with a webhook secret stock verifiers would misread": Mistake(
         ("serve",), 2, "WEBHOOK_SECRET: not a Standard Webhooks secret", env={"WEBHOOK_SECRET": "mysecret123"}
     ),
@@ -245,6 +247,9 @@ HELP_COMMANDS = [
     ("catalog", "import"),
     ("catalog", "search"),
     ("outbox",),
+    ("outbox", "retry"),
+    ("outbox", "enable-webhooks"),
+    ("outbox", "relay"),
 ]
 def options_without_help(text: str) -> list[str]:
     """Entries of argparse's option and command lists with no explanation beside or below them."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from bot.cli import CommandParser
 from bot.logs import configure_logging, mask_phone
 from bot.outbox.messages import iso_utc
 from bot.outbox.outbox import Outbox, open_store
@@ -22,6 +23,10 @@ from bot.settings import Settings, SettingsError, load_settings
 from bot.tools import OutboxUnavailable
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+DESCRIPTION = (
+    "List deliveries not yet sent (pending, in flight, failed) and disabled webhook URLs, or fix "
+    "them. Works on the configured outbox (DATABASE_URL, else DATABASE_PATH) or the one --db names."
+)
 
 
 def format_rows(rows: Sequence[OutboxRow]) -> str:
@@ -141,22 +146,34 @@ async def run_command(store: OutboxStore, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """List deliveries not yet sent (pending, in flight, failed), and fix them."""
-    parser = argparse.ArgumentParser(prog="python -m bot outbox", description=main.__doc__)
+    parser = CommandParser(prog="python -m bot outbox", description=DESCRIPTION)
     parser.add_argument("--all", action="store_true", help="list sent rows too")
     parser.add_argument(
         "--db",
         metavar="PATH_OR_URL",
         help="a SQLite file or a postgresql:// URL (default: DATABASE_URL, else DATABASE_PATH)",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", help="what to do (default: list)")
     retry_parser = commands.add_parser(
-        "retry", help="re-queue a message's failed deliveries once the cause is fixed"
+        "retry",
+        help="re-queue a message's failed deliveries once the cause is fixed",
+        description="Re-queue a message's failed or dead-lettered deliveries. An SMS is looked up "
+        "at Twilio before it is sent again, so the caller never gets it twice.",
     )
     retry_parser.add_argument("message_id", metavar="ID", help="a message id (msg_...) from the list")
-    enable_parser = commands.add_parser("enable-webhooks", help="re-enable webhooks after a 410 Gone answer")
-    enable_parser.add_argument("url", nargs="?", help="default: every disabled URL")
-    commands.add_parser("relay", help="relay deliveries without serving calls (until Ctrl-C)")
+    enable_parser = commands.add_parser(
+        "enable-webhooks",
+        help="re-enable webhooks after a 410 Gone answer",
+        description="Turn webhooks back on for a URL the call center answered 410 Gone: the events "
+        "held meanwhile go out within seconds, from every process.",
+    )
+    enable_parser.add_argument("url", metavar="URL", nargs="?", help="the URL (default: every disabled one)")
+    commands.add_parser(
+        "relay",
+        help="relay deliveries without serving calls (until Ctrl-C)",
+        description="Relay the outbox's SMS and webhooks without serving calls, with the settings "
+        "serve reads, until SIGINT or SIGTERM.",
+    )
     args = parser.parse_args(argv)
     settings: Settings | None = None
     if args.db is None or args.command == "relay":

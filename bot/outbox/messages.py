@@ -3,8 +3,8 @@
 Pure functions, no I/O: the relay and the webhook receiver stand-in share them, and tests reach
 them without sockets.
 
-WEBHOOK_SECRET: `whsec_<base64>` is base64-decoded, as every Standard Webhooks library does;
-any other string is used as its UTF-8 bytes (verify with `Webhook(secret.encode())`).
+WEBHOOK_SECRET is checked at start-up and kept in its `whsec_<base64>` form (bot/settings.py);
+its key is the base64-decoded part, as every Standard Webhooks library reads it.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from bot.cli import CommandParser
+from bot.cli import CommandParser, positive_int
 from bot.settings import SettingsError, load_settings
 from bot.wav import Wav, WavError, read_wav, write_wav
 
@@ -1054,19 +1054,13 @@ async def _run_calls(args: argparse.Namespace, utterances: list[bytes]) -> list[
         )
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return int(text)
-
-
 def main(argv: list[str]) -> int:
     parser = CommandParser(prog=CLI_PROG, description=CLI_DESCRIPTION)
     parser.add_argument("url", help="the bot's base URL, e.g. http://127.0.0.1:5052 (or its PUBLIC_URL)")
     parser.add_argument("--audio", nargs="+", required=True, metavar="WAV",
                         help="caller utterances, mu-law 8 kHz mono WAVs, spoken in order "
                              "(bundled: bot/sim/audio/caller_*.wav)")
-    parser.add_argument("--calls", type=_positive, default=1, help="concurrent calls (default 1)")
+    parser.add_argument("--calls", type=positive_int, default=1, help="concurrent calls (default 1)")
     parser.add_argument("--account-sid", help="AccountSid sent in the webhook (default: TWILIO_ACCOUNT_SID)")
     parser.add_argument("--auth-token", help="signs the webhook and the stream (default: TWILIO_AUTH_TOKEN)")
     parser.add_argument("--fast", action="store_true",
