@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -33,18 +34,19 @@ from twilio.request_validator import RequestValidator, get_signature_algorithm
 
 from bot import __version__
 from bot.bridge import BridgeDeps, serve_media_stream
-from bot.catalog import Catalog, CatalogError
+from bot.catalog import CatalogError
 from bot.cli import CommandParser, port_number, positive_int
 from bot.ephemeral import OpenAIRefused, OpenAITimedOut, OpenAIUnreachable, mint_client_secret
 from bot.logs import CallLog, configure_logging, mask_phone
 from bot.outbox import Outbox, open_outbox, running_outbox
 from bot.ratelimit import SlidingWindowLimiter
 from bot.settings import Settings, SettingsError, load_settings
+from bot.stores import DEFAULT_STORE_ID, Store, Stores, StoresError
 from bot.stream_token import mint_stream_token
 from bot.tools import BrowserTools, OutboxUnavailable, StoreTools
 from bot.twilio_rest import TwilioRest
 from bot.twilio_stream import MAX_MESSAGE_BYTES
-from bot.twiml import render_fallback_twiml, render_stream_twiml, render_transfer_twiml
+from bot.twiml import render_fallback_twiml, render_stream_twiml
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +60,12 @@ MAX_RETRY_AFTER_S = 60
 
 
 def create_app(
-    settings: Settings, *, clock: Callable[[], float] = time.time, catalog: Catalog | None = None
+    settings: Settings, *, clock: Callable[[], float] = time.time, stores: Stores | None = None
 ) -> Starlette:
-    """`catalog`: one already loaded (and so checked) by the caller; else the lifespan loads it."""
+    """`stores`: already loaded (and so checked) by the caller; else the lifespan loads them.
+
+    `clock` (epoch seconds) is also the clock stores' opening hours are read on.
+    """
     routes = [
         Route("/twiml/voice", voice_webhook, methods=["POST"]),
         Route("/session", browser_session, methods=["GET", "OPTIONS"]),
@@ -71,7 +76,7 @@ def create_app(
         WebSocketRoute("/media-stream", media_stream),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.runtime = Runtime(settings=settings, clock=clock, catalog=catalog)
+    app.state.runtime = Runtime(settings=settings, clock=clock, stores=stores)
     return app
 
 
@@ -84,8 +89,7 @@ class Runtime:
     stream_key: bytes = b""
     session_limiter: SlidingWindowLimiter = field(init=False)
     tools_limiter: SlidingWindowLimiter = field(init=False)
-    catalog: Catalog | None = None
-    browser_tools: BrowserTools | None = None
+    stores: Stores | None = None
     http: httpx.AsyncClient | None = None
     bridge: BridgeDeps | None = None
     outbox: Outbox | None = None
@@ -98,6 +102,9 @@ class Runtime:
         self.tools_limiter = SlidingWindowLimiter(
             self.settings.assistant_tools_rate_limit_per_minute, 60.0, clock=self.clock
         )
+
+    def local_now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock()).astimezone()
 
     def degraded(self) -> dict[str, str]:
         """Why the bot is not fully working right now, for /healthz."""
@@ -124,36 +131,33 @@ def stream_signing_key(settings: Settings) -> bytes:
 
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    """Open the catalog (fail fast), the HTTP client, the outbox and its relay, the call bridge."""
+    """Open the stores and their catalogs (fail fast), the HTTP client, the outbox and its relay,
+    the call bridge; watch the stores file and the catalogs while serving."""
     runtime: Runtime = app.state.runtime
     settings = runtime.settings
     for feature, reason in settings.disabled_features().items():
         log.warning("feature disabled: %s", reason, extra={"feature": feature})
-    catalog = runtime.catalog
-    if catalog is None:
-        catalog = await asyncio.to_thread(Catalog.load, settings.catalog_path)
+    stores = runtime.stores
+    if stores is None:
+        stores = runtime.stores = await asyncio.to_thread(Stores.load, settings)
     async with httpx.AsyncClient(follow_redirects=False) as http:
         twilio = TwilioRest.from_settings(settings, http)
-        async with running_outbox(settings, http, twilio=twilio) as outbox:
-            tools = StoreTools(
-                catalog,
-                outbox,
-                sms_enabled=settings.sms_enabled,
-                transfer_enabled=settings.features()["transfer"],
-            )
+        async with running_outbox(settings, http, twilio=twilio, stores=stores) as outbox:
+
+            def tools_for(store: Store) -> StoreTools:
+                return StoreTools(store, outbox, twilio=twilio is not None, clock=runtime.local_now)
+
             runtime.http, runtime.outbox = http, outbox
-            runtime.browser_tools = BrowserTools(catalog, media_base_url=settings.media_base_url)
             runtime.bridge = BridgeDeps(
                 settings=settings,
                 stream_key=runtime.stream_key,
-                toolbox=tools,
+                stores=stores,
+                tools_for=tools_for,
                 twilio=twilio,
                 outbox=outbox,
-                fallback_twiml=render_fallback_twiml(settings),
-                transfer_twiml=render_transfer_twiml(settings),
                 wall_clock=runtime.clock,
             )
-            watcher = asyncio.create_task(catalog.watch(), name="catalog-watch")
+            watcher = asyncio.create_task(stores.watch(), name="stores-watch")
             try:
                 yield
             finally:
@@ -161,7 +165,6 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
                 runtime.http = runtime.outbox = runtime.bridge = None
-                runtime.browser_tools = None
 
 
 async def media_stream(websocket: WebSocket) -> None:
@@ -199,17 +202,23 @@ async def voice_webhook(request: Request) -> Response:
         log.warning("voice webhook refused: signed but not an incoming-call request")
         return Response(status_code=400)
     call_log = CallLog(log, call_sid=call.CallSid)
+    assert runtime.stores is not None, "the app's lifespan loads the stores"
+    store = runtime.stores.for_number(call.To)
     if not settings.openai_enabled:
         call_log.warning("no OpenAI key: answering with the fallback TwiML")
-        return Response(render_fallback_twiml(settings), media_type=TWIML_MEDIA_TYPE)
+        twiml = render_fallback_twiml(store.transfer_to(runtime.local_now()))
+        return Response(twiml, media_type=TWIML_MEDIA_TYPE)
     token = mint_stream_token(
-        runtime.stream_key, call.CallSid, runtime.clock(), settings.stream_token_ttl_s
+        runtime.stream_key, call.CallSid, runtime.clock(), settings.stream_token_ttl_s, store.id
     )
     stream_url = websocket_base_url(public_base_url(request, settings)) + "/media-stream"
     call_log.info(
-        "incoming call", extra={"caller": mask_phone(call.From), "called": mask_phone(call.To)}
+        "incoming call",
+        extra={"caller": mask_phone(call.From), "called": mask_phone(call.To), "store": store.id},
     )
-    twiml = render_stream_twiml(stream_url=stream_url, caller=call.From, called=call.To, token=token)
+    twiml = render_stream_twiml(
+        stream_url=stream_url, caller=call.From, called=call.To, token=token, store=store.id
+    )
     return Response(twiml, media_type=TWIML_MEDIA_TYPE)
 
 
@@ -279,9 +288,12 @@ async def browser_session(request: Request) -> Response:
             headers=cors,
         )
     assert runtime.http is not None, "the app's lifespan creates the HTTP client"
+    store, refusal = requested_store(request, cors)
+    if refusal is not None:
+        return refusal
     no_store = {**cors, "Cache-Control": "no-store"}
     try:
-        secret = await mint_client_secret(runtime.http, settings)
+        secret = await mint_client_secret(runtime.http, settings, store, runtime.local_now())
     except OpenAIRefused as exc:
         log.warning("OpenAI refused a client secret", extra={"status": exc.status})
         if exc.temporary:
@@ -297,6 +309,18 @@ async def browser_session(request: Request) -> Response:
         return JSONResponse({"error": f"OpenAI did not answer ({exc})"}, 504, headers=no_store)
     # Where the secret is valid, so a browser needs one request to (re)connect.
     return JSONResponse({**secret, "realtime_url": settings.realtime_connect_url}, headers=no_store)
+
+
+def requested_store(request: Request, cors: dict[str, str]) -> tuple[Store, Response | None]:
+    """The store a browser asks for (`?store=<id>`, default: the default store), or a 404."""
+    runtime: Runtime = request.app.state.runtime
+    assert runtime.stores is not None, "the app's lifespan loads the stores"
+    store_id = request.query_params.get("store") or DEFAULT_STORE_ID
+    store = runtime.stores.get(store_id)
+    if store is None:
+        body = {"error": f"no store {store_id[:64]!r}: use the id of a store in STORES_PATH"}
+        return runtime.stores.default, JSONResponse(body, status_code=404, headers=cors)
+    return store, None
 
 
 def guard_browser_request(
@@ -381,11 +405,14 @@ async def assistant_tool(request: Request) -> Response:
     refusal, cors = guard_browser_request(request, runtime.tools_limiter, "POST, OPTIONS")
     if refusal is not None:
         return refusal
-    assert runtime.browser_tools is not None, "the app's lifespan builds the browser tools"
+    store, refusal = requested_store(request, cors)
+    if refusal is not None:
+        return refusal
+    tools = BrowserTools(store, media_base_url=runtime.settings.media_base_url)
     name = request.path_params["name"]
     headers = {**cors, "Cache-Control": "no-store"}
     if name not in BrowserTools.names:
-        result = await runtime.browser_tools.run(name, "{}")
+        result = await tools.run(name, "{}")
         body = {"error": f"no browser tool named {name[:64]!r}", "output": result.output}
         return JSONResponse(body, status_code=404, headers=headers)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -399,7 +426,7 @@ async def assistant_tool(request: Request) -> Response:
     except ValidationError as exc:
         reason = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"error": f"not a tool call ({reason})"}, status_code=422, headers=cors)
-    result = await runtime.browser_tools.run(name, call.arguments)
+    result = await tools.run(name, call.arguments)
     collection = result.collection.model_dump(mode="json") if result.collection else None
     return JSONResponse({"output": result.output, "collection": collection}, headers=headers)
 
@@ -479,20 +506,23 @@ def main(argv: list[str]) -> int:
         print(problem, file=sys.stderr)
         return 2
     try:
-        catalog = Catalog.load(settings.catalog_path)
+        stores = Stores.load(settings)
     except CatalogError as exc:
         print(f"CATALOG_PATH: {exc}", file=sys.stderr)
+        return 2
+    except StoresError as exc:
+        print(exc, file=sys.stderr)
         return 2
     try:
         asyncio.run(check_outbox(settings))
     except OutboxUnavailable as exc:
         print(exc, file=sys.stderr)
         return 2
-    # One process serves the app built here, with the catalog already loaded; several workers
-    # each build their own through the factory (uvicorn needs an import string to spawn them).
+    # One process serves the app built here, with the stores and catalogs already loaded; several
+    # workers each build their own through the factory (uvicorn needs an import string to spawn them).
     app: Starlette | str = "bot.app:app_from_environment"
     if workers == 1:
-        app = create_app(settings, catalog=catalog)
+        app = create_app(settings, stores=stores)
     uvicorn.run(
         app,
         factory=workers > 1,

@@ -38,6 +38,7 @@ from bot.call import (
     Reconnect,
     RotateSession,
     RunTool,
+    Script,
     ToRealtime,
     ToTwilio,
     Transfer,
@@ -45,10 +46,12 @@ from bot.call import (
 from bot.logs import CallLog, mask_phone
 from bot.realtime import RealtimeClient, RealtimeError, RealtimeRefused, connect_realtime
 from bot.settings import Settings
+from bot.stores import DEFAULT_STORE_ID, Destination, Store, Stores
 from bot.stream_token import check_stream_token
-from bot.tools import CallContext, Toolbox, ToolResult
+from bot.tools import Agent, CallContext, Toolbox, ToolResult, greeting_line, phone_agent
 from bot.twilio_rest import TwilioError, TwilioRest
 from bot.twilio_stream import Media, ProtocolViolation, Start, Stop, parse_message
+from bot.twiml import render_fallback_twiml, render_transfer_twiml
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ class CallRecordSink(Protocol):
     """Where the end-of-call record goes (the durable outbox)."""
 
     async def add_call_completed(
-        self, *, call_sid: str, caller: str, record: dict[str, Any]
+        self, *, call_sid: str, caller: str, record: dict[str, Any], destination: Destination
     ) -> str | None: ...
 
 
@@ -99,15 +102,18 @@ class BridgeStats:
 
 @dataclass
 class BridgeDeps:
-    """What a call needs from the app; built once in the app's lifespan."""
+    """What a call needs from the app; built once in the app's lifespan.
+
+    `tools_for` gives the toolbox of a call's store; `wall_clock` (epoch seconds) is also what
+    stores' opening hours are read on.
+    """
 
     settings: Settings
     stream_key: bytes
-    toolbox: Toolbox
+    stores: Stores
+    tools_for: Callable[[Store], Toolbox]
     twilio: TwilioRest | None = None
     outbox: CallRecordSink | None = None
-    fallback_twiml: str | None = None
-    transfer_twiml: str | None = None
     active_calls: dict[str, CallBridge] = field(default_factory=dict)
     stats: BridgeStats = field(default_factory=BridgeStats)
     wall_clock: Callable[[], float] = time.time
@@ -129,8 +135,9 @@ async def serve_media_stream(websocket: WebSocket, deps: BridgeDeps) -> None:
     if start is None:
         return
     call_log = CallLog(logger, call_sid=start.call_sid)
+    store_id = start.custom_parameters.get("store", DEFAULT_STORE_ID)
     reason = check_stream_token(
-        deps.stream_key, start.custom_parameters.get("token"), start.call_sid, deps.wall_clock()
+        deps.stream_key, start.custom_parameters.get("token"), start.call_sid, deps.wall_clock(), store_id
     )
     if reason is not None:
         stats.stream_rejected[reason] += 1
@@ -142,7 +149,11 @@ async def serve_media_stream(websocket: WebSocket, deps: BridgeDeps) -> None:
         call_log.warning("media stream refused: this call already has a stream")
         await _close(websocket, CLOSE_POLICY_VIOLATION, "call already streaming")
         return
-    bridge = CallBridge(websocket, deps, start)
+    store = deps.stores.get(store_id)
+    if store is None:
+        call_log.warning("the call's store left STORES_PATH as it connected: the default store answers")
+        store = deps.stores.default
+    bridge = CallBridge(websocket, deps, start, store)
     deps.active_calls[start.call_sid] = bridge
     try:
         await bridge.run()
@@ -202,11 +213,13 @@ async def _wait_for_start(websocket: WebSocket, deps: BridgeDeps) -> Start | Non
 class CallBridge:
     """One live call: the tasks around a `Call`. Created after the stream token checked out."""
 
-    def __init__(self, websocket: WebSocket, deps: BridgeDeps, start: Start) -> None:
+    def __init__(self, websocket: WebSocket, deps: BridgeDeps, start: Start, store: Store) -> None:
         self.ws = websocket
         self.deps = deps
         self.settings = deps.settings
         self.stats = deps.stats
+        self.store = store
+        self.toolbox = deps.tools_for(store)
         self.call_sid = start.call_sid
         self.stream_sid = start.stream_sid
         params = start.custom_parameters
@@ -215,6 +228,7 @@ class CallBridge:
         self._loop = asyncio.get_running_loop()
         self._started_wall = deps.wall_clock()
         transfer_key = self.settings.transfer_dtmf_key if self._can_transfer() else None
+        agent = self._agent()
         self.call = Call(
             call_sid=start.call_sid,
             stream_sid=start.stream_sid,
@@ -222,6 +236,7 @@ class CallBridge:
             audio_format=self.settings.audio_format,
             transfer_key=transfer_key,
             session_max_ms=int(self.settings.realtime_session_max_s * 1000),
+            script=Script(agent.instructions, greeting_line(store), store.words.lines),
         )
         self.end_reason = ""
         self.outcome: str | None = None
@@ -246,7 +261,14 @@ class CallBridge:
         return int(self._loop.time() * 1000)
 
     def _can_transfer(self) -> bool:
-        return self.deps.twilio is not None and self.deps.transfer_twiml is not None
+        return self.deps.twilio is not None and self.store.can_ever_transfer()
+
+    def _local_now(self) -> datetime:
+        return datetime.fromtimestamp(self.deps.wall_clock()).astimezone()
+
+    def _agent(self) -> Agent:
+        """The store's phone agent as of now (whether the store is open is part of what it is told)."""
+        return phone_agent(self.store, self._local_now())
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -256,6 +278,7 @@ class CallBridge:
             "call started",
             extra={
                 "caller": mask_phone(self.context.caller),
+                "store": self.store.id,
                 "audio_format": self.settings.audio_format,
                 "stream_sid": self.stream_sid,
             },
@@ -318,6 +341,7 @@ class CallBridge:
         if self.outcome is not None:
             record["outcome"] = self.outcome
         record["started_at"] = datetime.fromtimestamp(self._started_wall, UTC).isoformat()
+        record["store"] = self.store.id
         record["end_reason"] = self.end_reason
         self.stats.calls_ended += 1
         self.log.info(
@@ -334,7 +358,10 @@ class CallBridge:
             return
         try:
             await self.deps.outbox.add_call_completed(
-                call_sid=self.call_sid, caller=self.context.caller, record=record
+                call_sid=self.call_sid,
+                caller=self.context.caller,
+                record=record,
+                destination=self.store.destination(),
             )
         except Exception:
             self.log.exception("could not queue the call.completed record")
@@ -472,7 +499,7 @@ class CallBridge:
 
     async def _run_tool(self, action: RunTool) -> None:
         try:
-            result = await self.deps.toolbox.run(action.name, action.arguments, self.context)
+            result = await self.toolbox.run(action.name, action.arguments, self.context)
         except Exception:
             self.log.exception("tool %s raised", action.name)
             result = ToolResult(
@@ -481,13 +508,15 @@ class CallBridge:
         self._dispatch(self.call.on_tool_result(action.call_id, result, self._now_ms()))
 
     async def _transfer(self, action: Transfer) -> None:
-        twilio, twiml = self.deps.twilio, self.deps.transfer_twiml
-        if twilio is None or twiml is None:
-            self.log.warning("transfer asked for but not configured (Twilio credentials, store number)")
+        twilio, number = self.deps.twilio, self.store.transfer_to(self._local_now())
+        if twilio is None or number is None:
+            self.log.warning(
+                "transfer asked for but nobody to take it (Twilio credentials, store number, hours)"
+            )
             self._dispatch(self.call.transfer_failed(self._now_ms()))
             return
         try:
-            await twilio.update_call(self.call_sid, twiml=twiml)
+            await twilio.update_call(self.call_sid, twiml=render_transfer_twiml(number))
         except TwilioError as exc:
             self.log.warning("transfer failed: %s", exc)
             self._dispatch(self.call.transfer_failed(self._now_ms()))
@@ -522,8 +551,9 @@ class CallBridge:
         the stream TwiML, which plays once the socket closes)."""
         self.outcome = "fallback"
         self._dispatch(self.call.session_lost(self._now_ms()))
-        twilio, twiml = self.deps.twilio, self.deps.fallback_twiml
-        if twilio is not None and twiml is not None:
+        twilio = self.deps.twilio
+        if twilio is not None:
+            twiml = render_fallback_twiml(self.store.transfer_to(self._local_now()))
             try:
                 await twilio.update_call(self.call_sid, twiml=twiml)
             except TwilioError as exc:
@@ -542,7 +572,7 @@ class CallBridge:
         settings = self.settings
         try:
             async with asyncio.timeout(settings.realtime_reconnect_timeout_s):
-                client = await connect_realtime(settings)
+                client = await connect_realtime(settings, self._agent())
         except RealtimeRefused as exc:
             self.stats.realtime_refused += 1
             self.stats.last_realtime_refusal = f"HTTP {exc.status}"
@@ -580,7 +610,7 @@ class CallBridge:
                 return
             try:
                 async with asyncio.timeout(settings.realtime_reconnect_timeout_s):
-                    client = await connect_realtime(settings, attempts=RECONNECT_ATTEMPTS)
+                    client = await connect_realtime(settings, self._agent(), attempts=RECONNECT_ATTEMPTS)
             except (RealtimeError, TimeoutError) as exc:
                 self.log.error("Realtime reconnect failed: %s", exc or "timed out")
                 await self._fall_back("realtime_lost")
@@ -617,7 +647,7 @@ class CallBridge:
     async def _open_next_session(self) -> RealtimeClient | None:
         try:
             async with asyncio.timeout(self.settings.realtime_reconnect_timeout_s):
-                return await connect_realtime(self.settings, attempts=RECONNECT_ATTEMPTS)
+                return await connect_realtime(self.settings, self._agent(), attempts=RECONNECT_ATTEMPTS)
         except (RealtimeError, TimeoutError) as exc:
             self.log.warning("Realtime session rotation failed, keeping the old one: %s", exc)
             self.call.rotation_failed(self._now_ms(), retry_in_ms=int(ROTATION_RETRY_S * 1000))

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bot.audio import InboundTranscoder, OutboundTranscoder, mulaw_silence
-from bot.tools import AGENT_INSTRUCTIONS, GREETING_INSTRUCTIONS, ToolResult
+from bot.tools import ToolResult
 from bot.twilio_stream import Dtmf, InboundMessage, Mark, Media, Outbound, Start
+from bot.words import LineWords, en
 
 FRAME_MS = 20
 MULAW_BYTES_PER_MS = 8
@@ -48,25 +49,21 @@ ROTATION_RETRY_MS = 500
 MAX_RESTORED_ENTRIES = 40
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
 
-TRANSFER_LINE = (
-    "Tell the caller in one short sentence that you are connecting them to a person at the "
-    "store now. Do not call any tool."
-)
-GOODBYE_LINE = "Say a short, friendly goodbye in one sentence. Do not call any tool."
-RESUME_LINE = (
-    "The phone line dropped for a moment. Apologise in a few words, then continue the "
-    "conversation where it left off."
-)
-TRANSFER_CANCELLED_NOTE = (
-    "The caller spoke before the transfer happened, so the call was not transferred. "
-    "Ask whether they still want to speak to a person."
-)
-TRANSFER_FAILED_NOTE = "The transfer to a person failed; the caller is still talking to you."
-TRANSFER_FAILED_LINE = (
-    "Tell the caller you could not connect them to a person right now, and offer to help "
-    "yourself. Do not call any tool."
-)
-END_CANCELLED_NOTE = "The caller spoke during the goodbye, so the call did not end. Listen to them."
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """What the call asks the model to say at set moments, in the store's language: each line is
+    asked for with the session's `instructions`, so it comes in the agent's voice and persona."""
+
+    instructions: str = en.AGENT.phone + en.AGENT.speak_callers_language
+    greeting: str = en.AGENT.greet
+    lines: LineWords = en.LINES
+
+    def line(self, instruction: str) -> dict[str, Any]:
+        """A response that says one specific thing."""
+        right_now = self.lines.right_now.format(line=instruction)
+        return {"type": "response.create", "response": {"instructions": f"{self.instructions}\n{right_now}"}}
 
 
 # --- actions --------------------------------------------------------------------------
@@ -230,9 +227,12 @@ class Call:
         audio_format: Literal["pcm16", "pcmu"],
         transfer_key: str | None = "0",
         session_max_ms: int = 55 * 60 * 1000,
+        script: Script = Script(),
     ) -> None:
         """`pcm16` transcodes both ways; `pcmu` passes Twilio's mu-law through untouched."""
         self.call_sid = call_sid
+        self._script = script
+        self._lines = script.lines
         self.out = Outbound(stream_sid)
         self.started_ms = now_ms
         transcode = audio_format == "pcm16"
@@ -376,7 +376,7 @@ class Call:
             actions.append(ToRealtime(json.dumps({"type": "response.cancel"})))
             self._discarded.add(self._active.response_id)
         self._pending = _PendingAction("transfer", "caller pressed the transfer key", False)
-        self._want = _line(TRANSFER_LINE)
+        self._want = self._script.line(self._lines.transfer)
         return actions + self._settle(now_ms)
 
     # --- Realtime side ----------------------------------------------------------------
@@ -436,7 +436,8 @@ class Call:
         if pending is not None and pending.cancellable:
             self._pending = None
             self._want = None
-            note = TRANSFER_CANCELLED_NOTE if pending.kind == "transfer" else END_CANCELLED_NOTE
+            lines = self._lines
+            note = lines.transfer_cancelled_note if pending.kind == "transfer" else lines.end_cancelled_note
             actions.append(ToRealtime(_system_item(note)))
             actions.append(Note("call_action_cancelled_by_caller", {"action": pending.kind}))
         return actions
@@ -529,7 +530,8 @@ class Call:
             self._pending = _PendingAction(kind, f"tool {tool.entry.tool_name}", True)
             self._followups.pop(tool.response_id, None)
             if not self._spoke(tool.response_id):
-                self._want = _line(TRANSFER_LINE if kind == "transfer" else GOODBYE_LINE)
+                line = self._lines.transfer if kind == "transfer" else self._lines.goodbye
+                self._want = self._script.line(line)
         return actions + self._settle(now_ms)
 
     def _on_error(self, event: dict[str, Any], now_ms: int) -> list[Action]:
@@ -556,13 +558,13 @@ class Call:
         first = self.sessions == 0
         self.sessions += 1
         if first:
-            self._want = _line(GREETING_INSTRUCTIONS)
+            self._want = self._script.line(self._script.greeting)
             return self._settle(now_ms)
         actions: list[Action] = [ToRealtime(text) for text in self._restore_items()]
         if self._rotating:
             self._rotating = False
         elif self._resume_needed and self._want is None and self._pending is None:
-            self._want = _line(RESUME_LINE if self.transcript else GREETING_INSTRUCTIONS)
+            self._want = self._script.line(self._lines.resume if self.transcript else self._script.greeting)
         self._resume_needed = False
         return actions + self._settle(now_ms)
 
@@ -602,8 +604,8 @@ class Call:
         """The transfer could not be placed: the bot stays on the line and says so."""
         self._ended = False
         self.outcome = None
-        self._want = _line(TRANSFER_FAILED_LINE)
-        return [ToRealtime(_system_item(TRANSFER_FAILED_NOTE)), *self._settle(now_ms)]
+        self._want = self._script.line(self._lines.transfer_failed)
+        return [ToRealtime(_system_item(self._lines.transfer_failed_note)), *self._settle(now_ms)]
 
     def _restore_items(self) -> list[str]:
         events: list[str] = []
@@ -866,14 +868,6 @@ class Call:
 def _append_text(audio_b64: str) -> str:
     """The up-link event, built as a string: base64 needs no JSON escaping."""
     return '{"type":"input_audio_buffer.append","audio":"' + audio_b64 + '"}'
-
-
-def _line(instruction: str) -> dict[str, Any]:
-    """A response that says one specific thing, in the agent's voice and persona."""
-    return {
-        "type": "response.create",
-        "response": {"instructions": f"{AGENT_INSTRUCTIONS}\nRight now: {instruction}"},
-    }
 
 
 def _message(role: Literal["user", "assistant"], kind: str, text: str) -> dict[str, Any]:

@@ -14,7 +14,6 @@ file never replaces a good catalog.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import difflib
 import hashlib
 import json
@@ -35,7 +34,6 @@ from bot.products import Product
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RELOAD_INTERVAL_S = 5.0
 DEFAULT_LIMIT = 5
 MAX_LIMIT = 50
 # bm25() weights, in column order: name, brand, description, faqs.
@@ -429,11 +427,11 @@ def _build(data: bytes, path: Path) -> _Index:
 
 
 class Catalog:
-    """The store's products, searchable, reloadable while serving.
+    """A store's products, searchable, reloadable while serving.
 
     Searches are synchronous: on in-memory SQLite they take well under a millisecond for a
     catalog of thousands, cheaper than a thread hop. Reloads read and index the whole file, so
-    `watch` runs them in a worker thread.
+    `Stores.watch` (bot/stores.py) runs them in a worker thread.
     """
 
     def __init__(self, path: Path, index: _Index, state: _FileState, digest: str) -> None:
@@ -535,15 +533,6 @@ class Catalog:
                 extra={"path": str(self.path), "products": len(self._index.products)},
             )
         self._last_failure = failure
-
-    async def watch(self, interval_s: float = DEFAULT_RELOAD_INTERVAL_S) -> None:
-        """Poll the file every `interval_s` and reload it on change, until cancelled."""
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await asyncio.to_thread(self.reload_if_changed)
-            except Exception:
-                log.exception("catalog reload failed unexpectedly", extra={"path": str(self.path)})
 
 
 def _log_loaded(event: str, path: Path, index: _Index) -> None:

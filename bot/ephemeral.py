@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from typing import Any
 
 import httpx
 
 from bot.realtime import session_config
 from bot.settings import Settings
-from bot.tools import BROWSER_AGENT
+from bot.stores import Store
+from bot.tools import browser_agent
 
 CLIENT_SECRET_TTL_S = 600
 
@@ -42,22 +44,24 @@ class OpenAITimedOut(Exception):
     """Connected, but OpenAI did not answer within OPENAI_TIMEOUT_S."""
 
 
-def client_secret_request(settings: Settings) -> dict[str, Any]:
-    """The phone's agent minus the phone (see BROWSER_AGENT), in the browser's PCM16 audio."""
+def client_secret_request(settings: Settings, store: Store, now: datetime) -> dict[str, Any]:
+    """The store's phone agent minus the phone (see `browser_agent`), in the browser's PCM16 audio."""
     browser = settings.model_copy(update={"audio_format": "pcm16"})
     return {
         "expires_after": {"anchor": "created_at", "seconds": CLIENT_SECRET_TTL_S},
-        "session": {**session_config(browser, BROWSER_AGENT), "model": settings.realtime_model},
+        "session": {**session_config(browser, browser_agent(store, now)), "model": settings.realtime_model},
     }
 
 
-async def mint_client_secret(http: httpx.AsyncClient, settings: Settings) -> dict[str, Any]:
+async def mint_client_secret(
+    http: httpx.AsyncClient, settings: Settings, store: Store, now: datetime
+) -> dict[str, Any]:
     """OpenAI's JSON answer, unchanged. Never cached: every call mints a new secret."""
     url = settings.openai_base_url.rstrip("/") + "/v1/realtime/client_secrets"
     try:
         response = await http.post(
             url,
-            json=client_secret_request(settings),
+            json=client_secret_request(settings, store, now),
             headers={"Authorization": f"Bearer {settings.openai_api_key}"},
             timeout=settings.openai_timeout_s,
         )

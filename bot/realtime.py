@@ -13,7 +13,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from bot.settings import Settings
-from bot.tools import PHONE_AGENT, Agent
+from bot.tools import Agent
 
 
 def audio_format(settings: Settings) -> dict[str, Any]:
@@ -41,8 +41,16 @@ def turn_detection(settings: Settings) -> dict[str, Any]:
     }
 
 
-def session_config(settings: Settings, agent: Agent = PHONE_AGENT) -> dict[str, Any]:
-    """The `session` object of `session.update`; `/session` sends the browser agent's for browsers."""
+def transcription(settings: Settings, agent: Agent) -> dict[str, Any]:
+    """Caller transcription, with the store's language as a hint (none: the model detects it)."""
+    config: dict[str, Any] = {"model": settings.transcription_model}
+    if agent.transcription_language:
+        config["language"] = agent.transcription_language
+    return config
+
+
+def session_config(settings: Settings, agent: Agent) -> dict[str, Any]:
+    """The `session` object of `session.update`; `/session` sends a browser agent's for browsers."""
     fmt = audio_format(settings)
     return {
         "type": "realtime",
@@ -52,19 +60,19 @@ def session_config(settings: Settings, agent: Agent = PHONE_AGENT) -> dict[str, 
             "input": {
                 "format": fmt,
                 "turn_detection": turn_detection(settings),
-                "transcription": {"model": settings.transcription_model},
+                "transcription": transcription(settings, agent),
                 "noise_reduction": {"type": "near_field"},
             },
-            "output": {"format": fmt, "voice": settings.realtime_voice},
+            "output": {"format": fmt, "voice": agent.voice},
         },
         "tools": agent.tools,
         "tool_choice": "auto",
     }
 
 
-def session_update_event(settings: Settings) -> dict[str, Any]:
+def session_update_event(settings: Settings, agent: Agent) -> dict[str, Any]:
     """The first client event of every session (and of every reconnect)."""
-    return {"type": "session.update", "session": session_config(settings)}
+    return {"type": "session.update", "session": session_config(settings, agent)}
 
 
 # --- the socket -----------------------------------------------------------------------
@@ -108,7 +116,7 @@ class RealtimeClient:
 
     @classmethod
     async def open(
-        cls, settings: Settings, *, open_timeout_s: float = REALTIME_OPEN_TIMEOUT_S
+        cls, settings: Settings, agent: Agent, *, open_timeout_s: float = REALTIME_OPEN_TIMEOUT_S
     ) -> RealtimeClient:
         """One attempt: handshake, then `session.update` at once (no wait for session.created)."""
         if not settings.openai_api_key:
@@ -132,7 +140,7 @@ class RealtimeClient:
         _limit_kernel_send_buffer(ws, settings)
         client = cls(ws)
         try:
-            await client.send(json.dumps(session_update_event(settings)))
+            await client.send(json.dumps(session_update_event(settings, agent)))
         except ConnectionClosed as exc:
             raise RealtimeUnavailable(f"closed right after the handshake: {exc}") from None
         return client
@@ -170,6 +178,7 @@ class RealtimeClient:
 
 async def connect_realtime(
     settings: Settings,
+    agent: Agent,
     *,
     attempts: int = REALTIME_CONNECT_ATTEMPTS,
     open_timeout_s: float = REALTIME_OPEN_TIMEOUT_S,
@@ -183,7 +192,7 @@ async def connect_realtime(
             ceiling = min(REALTIME_RETRY_MAX_S, REALTIME_RETRY_BASE_S * 2 ** (attempt - 1))
             await asyncio.sleep(ceiling * (0.5 + rng() / 2))
         try:
-            return await RealtimeClient.open(settings, open_timeout_s=open_timeout_s)
+            return await RealtimeClient.open(settings, agent, open_timeout_s=open_timeout_s)
         except RealtimeUnavailable as exc:
             last = exc
     assert last is not None

@@ -34,6 +34,40 @@ class SettingsError(ValueError):
     """Raised with one human-readable line per bad environment variable."""
 
 
+def check_e164(value: str) -> str:
+    """A phone number as Twilio wants it; ValueError says what one looks like."""
+    digits = value[1:]
+    if not value.startswith("+") or not digits.isdigit() or not 8 <= len(digits) <= 15:
+        raise ValueError("must be an E.164 number like +15551234567")
+    return value
+
+
+def check_http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+def check_webhook_secret(value: str) -> str:
+    """A secret every Standard Webhooks verifier reads the same way, in its `whsec_` form.
+
+    Stock verifiers base64-decode the secret (with or without `whsec_`), so a plain word
+    would sign with bytes no receiver would use: refused here rather than at every delivery.
+    """
+    encoded = value.removeprefix(WEBHOOK_SECRET_PREFIX)
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        key = b""
+    if len(key) < WEBHOOK_KEY_MIN_BYTES:
+        raise ValueError(
+            f"not a Standard Webhooks secret: expected whsec_ and the base64 of at least "
+            f"{WEBHOOK_KEY_MIN_BYTES} random bytes; make one with {MAKE_WEBHOOK_SECRET}"
+        )
+    return WEBHOOK_SECRET_PREFIX + encoded
+
+
 class Settings(BaseModel):
     """The bot's configuration; field aliases are the environment variable names."""
 
@@ -80,6 +114,8 @@ class Settings(BaseModel):
     webhook_timeout_s: float = Field(15.0, alias="WEBHOOK_TIMEOUT_S", gt=0, le=60)
 
     catalog_path: Path = Field(SAMPLE_CATALOG_PATH, alias="CATALOG_PATH")
+    stores_path: Path | None = Field(None, alias="STORES_PATH")
+    store_language: Literal["en", "es", "auto"] = Field("auto", alias="STORE_LANGUAGE")
     media_base_url: str = Field(DEFAULT_MEDIA_BASE_URL, alias="MEDIA_BASE_URL")
     database_path: Path = Field(Path("voicebot.sqlite3"), alias="DATABASE_PATH")
     database_url: str | None = Field(None, alias="DATABASE_URL")
@@ -132,42 +168,17 @@ class Settings(BaseModel):
     @field_validator("openai_base_url", "twilio_api_base", "media_base_url")
     @classmethod
     def _check_http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an http:// or https:// URL")
-        return value
+        return check_http_url(value)
 
     @field_validator("public_url", "webhook_url")
     @classmethod
     def _check_optional_http_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an http:// or https:// URL")
-        return value.rstrip("/")
+        return None if value is None else check_http_url(value).rstrip("/")
 
     @field_validator("webhook_secret")
     @classmethod
     def _check_webhook_secret(cls, value: str | None) -> str | None:
-        """A secret every Standard Webhooks verifier reads the same way, in its `whsec_` form.
-
-        Stock verifiers base64-decode the secret (with or without `whsec_`), so a plain word
-        would sign with bytes no receiver would use: refused here rather than at every delivery.
-        """
-        if value is None:
-            return None
-        encoded = value.removeprefix(WEBHOOK_SECRET_PREFIX)
-        try:
-            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-        except binascii.Error:
-            key = b""
-        if len(key) < WEBHOOK_KEY_MIN_BYTES:
-            raise ValueError(
-                f"not a Standard Webhooks secret: expected whsec_ and the base64 of at least "
-                f"{WEBHOOK_KEY_MIN_BYTES} random bytes; make one with {MAKE_WEBHOOK_SECRET}"
-            )
-        return WEBHOOK_SECRET_PREFIX + encoded
+        return None if value is None else check_webhook_secret(value)
 
     @field_validator("database_url")
     @classmethod
@@ -182,12 +193,7 @@ class Settings(BaseModel):
     @field_validator("store_phone_number", "twilio_from_number")
     @classmethod
     def _check_e164(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        digits = value[1:]
-        if not value.startswith("+") or not digits.isdigit() or not 8 <= len(digits) <= 15:
-            raise ValueError("must be an E.164 number like +15551234567")
-        return value
+        return None if value is None else check_e164(value)
 
     @property
     def openai_enabled(self) -> bool:

@@ -1,7 +1,8 @@
 """Short-lived tokens that bind a Media Stream to the call whose signed webhook minted it.
 
 The stream URL carries no query string (Twilio forbids one), so the token travels as a
-`<Parameter>` and comes back in `start.customParameters`. Format: `v1.<expiry>.<hex hmac>`.
+`<Parameter>` and comes back in `start.customParameters`, beside the id of the store whose number
+was dialled, which the token also signs. Format: `v1.<expiry>.<hex hmac>`.
 """
 
 from __future__ import annotations
@@ -10,32 +11,37 @@ import hashlib
 import hmac
 from typing import Literal
 
+from bot.stores import DEFAULT_STORE_ID
+
 TOKEN_VERSION = "v1"
 
 RejectReason = Literal["missing", "malformed", "expired", "bad_signature"]
 
 
-def _mac(key: bytes, call_sid: str, expires_at: int) -> str:
-    message = f"{TOKEN_VERSION}.{expires_at}.{call_sid}".encode()
+def _mac(key: bytes, call_sid: str, store: str, expires_at: int) -> str:
+    message = f"{TOKEN_VERSION}.{expires_at}.{call_sid}.{store}".encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
-def mint_stream_token(key: bytes, call_sid: str, now_s: float, ttl_s: int) -> str:
+def mint_stream_token(
+    key: bytes, call_sid: str, now_s: float, ttl_s: int, store: str = DEFAULT_STORE_ID
+) -> str:
+    """A token for this call's stream, vouching that the call is for `store` (a store id)."""
     expires_at = int(now_s) + ttl_s
-    return f"{TOKEN_VERSION}.{expires_at}.{_mac(key, call_sid, expires_at)}"
+    return f"{TOKEN_VERSION}.{expires_at}.{_mac(key, call_sid, store, expires_at)}"
 
 
 def check_stream_token(
-    key: bytes, token: str | None, call_sid: str, now_s: float
+    key: bytes, token: str | None, call_sid: str, now_s: float, store: str = DEFAULT_STORE_ID
 ) -> RejectReason | None:
-    """None when the token is good for this CallSid now, else why it is not."""
+    """None when the token is good for this CallSid and store now, else why it is not."""
     if not token:
         return "missing"
     parts = token.split(".")
     if len(parts) != 3 or parts[0] != TOKEN_VERSION or not parts[1].isdigit():
         return "malformed"
     expires_at = int(parts[1])
-    if not hmac.compare_digest(parts[2], _mac(key, call_sid, expires_at)):
+    if not hmac.compare_digest(parts[2], _mac(key, call_sid, store, expires_at)):
         return "bad_signature"
     if now_s > expires_at:
         return "expired"

@@ -13,7 +13,9 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -21,62 +23,29 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bot.catalog import Catalog, SearchHit
 from bot.logs import CallLog, mask_phone
 from bot.products import JsonData, Product, ProductsCollection, with_absolute_links
+from bot.stores import Destination, Store, local_now
+from bot.words import BY_CODE, ResultWords, SmsWords, Words, en
 
 log = logging.getLogger(__name__)
 
-AGENT_INSTRUCTIONS = """\
-You are the phone assistant of a store. You are speaking on a phone line.
-- Be brief and natural: one or two short sentences per turn, then let the caller talk.
-- Use search_products to find what the caller asks for. Mention at most three products, by
-  name and price in words (for example "four hundred and eleven dollars"), with one reason each.
-- Never read out SKUs, links, web addresses, JSON, or long numbers. Those are for the text.
-- Offer to text the details. When the caller agrees, call send_product_details with the SKUs of
-  the products you talked about, then say the text is on its way. If its result says no text
-  can be sent, tell the caller so; never promise a text that was not sent.
-- If a tool reports an error, say so simply and offer an alternative.
-- If the caller asks for a person, or you cannot help, call transfer_to_person.
-- When the caller says goodbye or has what they need, say a short goodbye and call end_call.
-- Speak the caller's language; default to English.
-"""
-
-BROWSER_INSTRUCTIONS = """\
-You are the assistant of a store, on the store's web page. The customer talks to you through
-their microphone and hears you through their speakers, or types; they see a screen.
-- Be brief and natural: one or two short sentences per turn, then let the customer talk.
-- Use search_products to find what the customer asks for. Mention at most three products, by
-  name and price in words (for example "four hundred and eleven dollars"), with one reason each.
-- Never read out SKUs, links, web addresses, JSON, or long numbers. Those are on the screen.
-- Whenever you mention products, call show_products with their SKUs so the customer sees them as
-  cards (pictures, prices, questions and answers, 3D and AR views, video, technical sheet), and
-  say they are on the screen.
-- If a tool reports an error, say so simply and offer an alternative.
-- Speak the customer's language; default to English.
-"""
-
-GREETING_INSTRUCTIONS = (
-    "Greet the caller in one short sentence as the store's assistant and ask what they are looking for."
-)
-
-
-
-
-def _search_tool(skus_go_to: str, person: str) -> dict[str, Any]:
+def search_tool(words: Words, *, phone: bool) -> dict[str, Any]:
     """search_products, pointing the model at the tool that takes its SKUs on this channel."""
+    tools = words.tools
+    skus_for = tools.search_skus_for_phone if phone else tools.search_skus_for_browser
     return {
         "type": "function",
         "name": "search_products",
-        "description": (
-            "Search the store catalog. Returns up to five matches with name, brand, price after "
-            "discount, rating and a one-line summary to speak, and each product's sku for "
-            f"{skus_go_to}. Never read the sku aloud."
-        ),
+        "description": tools.search.format(skus_for=skus_for),
         "parameters": {
             "type": "object",
             "properties": {
-                "query": {"type": "string", "description": f"What the {person} wants, in their words."},
-                "max_price": {"type": "number", "description": "Highest price after discount, in dollars."},
-                "brand": {"type": "string", "description": "Only this brand."},
-                "min_rating": {"type": "number", "description": "Lowest customer rating, 0 to 5."},
+                "query": {
+                    "type": "string",
+                    "description": tools.query_phone if phone else tools.query_browser,
+                },
+                "max_price": {"type": "number", "description": tools.max_price},
+                "brand": {"type": "string", "description": tools.brand},
+                "min_rating": {"type": "number", "description": tools.min_rating},
             },
             "required": ["query"],
             "additionalProperties": False,
@@ -84,78 +53,127 @@ def _search_tool(skus_go_to: str, person: str) -> dict[str, Any]:
     }
 
 
-TOOL_DEFINITIONS: list[dict[str, Any]] = [
-    _search_tool("send_product_details", "caller"),
-    {
-        "type": "function",
-        "name": "send_product_details",
-        "description": (
-            "Text the caller the details of these products (photos, 3D/AR views, video, technical "
-            "sheet) and send them to the store's call center. Use the skus from search_products. "
-            "The result says whether a text is on its way."
-        ),
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "skus": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 10},
-                "note": {"type": "string", "description": "A short note to include, optional."},
+def phone_tools(words: Words, *, ask_language: bool = False) -> list[dict[str, Any]]:
+    """The phone's tools. `ask_language`: send_product_details asks which language the text is in
+    (stores whose language is `auto` learn the caller's from the model)."""
+    tools = words.tools
+    send_properties: dict[str, Any] = {
+        "skus": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 10},
+        "note": {"type": "string", "description": tools.note},
+    }
+    if ask_language:
+        send_properties["language"] = {
+            "type": "string",
+            "enum": list(SMS_LANGUAGES),
+            "description": tools.language,
+        }
+    return [
+        search_tool(words, phone=True),
+        {
+            "type": "function",
+            "name": "send_product_details",
+            "description": tools.send,
+            "parameters": {
+                "type": "object",
+                "properties": send_properties,
+                "required": ["skus"],
+                "additionalProperties": False,
             },
-            "required": ["skus"],
-            "additionalProperties": False,
         },
-    },
-    {
-        "type": "function",
-        "name": "transfer_to_person",
-        "description": "Connect the caller to a person at the store. Say you are connecting them first.",
-        "parameters": {
-            "type": "object",
-            "properties": {"reason": {"type": "string", "description": "Why, in a few words."}},
-            "required": ["reason"],
-            "additionalProperties": False,
+        {
+            "type": "function",
+            "name": "transfer_to_person",
+            "description": tools.transfer,
+            "parameters": {
+                "type": "object",
+                "properties": {"reason": {"type": "string", "description": tools.reason}},
+                "required": ["reason"],
+                "additionalProperties": False,
+            },
         },
-    },
-    {
-        "type": "function",
-        "name": "end_call",
-        "description": "Hang up after you have said goodbye.",
-        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
-    },
-]
+        {
+            "type": "function",
+            "name": "end_call",
+            "description": tools.end_call,
+            "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+        },
+    ]
 
-# The browser's agent: the phone's minus texting, transfers and hanging up, plus show_products.
-BROWSER_TOOL_DEFINITIONS: list[dict[str, Any]] = [
-    _search_tool("show_products", "customer"),
-    {
-        "type": "function",
-        "name": "show_products",
-        "description": (
-            "Show these products to the customer as cards on their screen: pictures, price, "
-            "discount, rating, description, questions and answers, and links to the 3D view, AR "
-            "view, video and technical sheet. Use the skus from search_products."
-        ),
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "skus": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 10},
+
+def browser_tools(words: Words) -> list[dict[str, Any]]:
+    """The browser's agent: the phone's minus texting, transfers and hanging up, plus show_products."""
+    return [
+        search_tool(words, phone=False),
+        {
+            "type": "function",
+            "name": "show_products",
+            "description": words.tools.show,
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "skus": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 10},
+                },
+                "required": ["skus"],
+                "additionalProperties": False,
             },
-            "required": ["skus"],
-            "additionalProperties": False,
         },
-    },
-]
+    ]
+
+
+SMS_LANGUAGES = tuple(BY_CODE)
+TOOL_DEFINITIONS = phone_tools(en.WORDS)
+PHONE_TOOL_NAMES = tuple(tool["name"] for tool in TOOL_DEFINITIONS)
+BROWSER_TOOL_NAMES = tuple(tool["name"] for tool in browser_tools(en.WORDS))
 
 
 @dataclass(frozen=True, slots=True)
 class Agent:
-    """What a Realtime session is told and may call, for one channel (phone or browser)."""
+    """What a Realtime session is told, may call and sounds like, for one store and channel."""
 
     instructions: str
     tools: list[dict[str, Any]]
+    voice: str
+    transcription_language: str | None = None
 
 
-PHONE_AGENT = Agent(AGENT_INSTRUCTIONS, TOOL_DEFINITIONS)
-BROWSER_AGENT = Agent(BROWSER_INSTRUCTIONS, BROWSER_TOOL_DEFINITIONS)
+def agent_instructions(store: Store, now: datetime, *, phone: bool) -> str:
+    """The channel's instructions in the store's words, the language rule, then the store's own notes."""
+    agent = store.words.agent
+    text = agent.phone if phone else agent.browser
+    text += (agent.speak_callers_language if store.language == "auto" else agent.speak_only_this) + "\n"
+    notes = [agent.store_intro.format(store=store.name)] if store.name else []
+    hours = store.hours_note(now)
+    if hours:
+        notes.append(hours)
+    if store.notes:
+        notes.append(store.notes.strip())
+    if notes:
+        text += agent.store_notes.format(notes="\n".join(notes)) + "\n"
+    return text
+
+
+def phone_agent(store: Store, now: datetime) -> Agent:
+    return Agent(
+        agent_instructions(store, now, phone=True),
+        phone_tools(store.words, ask_language=store.language == "auto"),
+        store.voice,
+        store.transcription_language,
+    )
+
+
+def browser_agent(store: Store, now: datetime) -> Agent:
+    return Agent(
+        agent_instructions(store, now, phone=False),
+        browser_tools(store.words),
+        store.voice,
+        store.transcription_language,
+    )
+
+
+def greeting_line(store: Store) -> str:
+    """What the first response of a call is asked to say: the store's greeting, or a short hello."""
+    agent = store.words.agent
+    return agent.greet_with.format(greeting=store.greeting) if store.greeting else agent.greet
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,17 +206,8 @@ SEARCH_LIMIT = 5
 SPOKEN_PRODUCTS_MAX = 3
 BRANDS_LISTED_MAX = 8
 NOTE_MAX_CHARS = 300
-DETAILS_TEXT = "Here are the details of the products we talked about."
-SHOWN_TEXT = "Here are the products we are talking about."
 # Twilio answers a send in well under a second; past this the tool says "on its way".
 SMS_CONFIRM_WAIT_S = 2.0
-SMS_REFUSAL_REASONS = {
-    21211: "the number is not a valid mobile number",
-    21408: "texts to that country are not enabled",
-    21610: "the number has opted out of texts from the store",
-    21612: "the number cannot receive texts from the store",
-    21614: "the number is a landline",
-}
 # Twilio's stand-ins for a withheld caller ID (anonymous, restricted, blocked, unknown, unavailable).
 WITHHELD_NUMBERS = frozenset(
     {"+266696687", "+7378742833", "+2562533", "+8656696", "+86282452253"}
@@ -227,7 +236,12 @@ class DetailsOutbox(Protocol):
     """Where send_product_details leaves a ProductsCollection for the SMS and webhook relay."""
 
     async def add_product_details(
-        self, *, call_sid: str, caller: str, collection: ProductsCollection
+        self,
+        *,
+        call_sid: str,
+        caller: str,
+        collection: ProductsCollection,
+        destination: Destination,
     ) -> str:
         """Store the message durably and return its id; raise OutboxUnavailable if it cannot."""
         ...
@@ -255,6 +269,8 @@ class SearchArgs(_Args):
 class SendArgs(_Args):
     skus: list[str] = Field(min_length=1, max_length=10)
     note: str | None = Field(None, max_length=1000)
+    # Only offered to `auto` stores; any other value falls back to the store's own language.
+    language: str | None = Field(None, max_length=16)
 
 
 class ShowArgs(_Args):
@@ -309,25 +325,25 @@ def _error(message: str, **fields: Any) -> ToolResult:
     return ToolResult(_output(error=message, **fields))
 
 
-def _mention(hit: SearchHit) -> str:
+def _mention(hit: SearchHit, words: ResultWords) -> str:
     product = hit.product
     name = product.name
     if not name.casefold().startswith(product.brand.casefold()):
-        name = f"{name} by {product.brand}"
-    reason = hit.highlight or f"rated {product.rate:g} out of 5"
-    return f"the {name}, {spoken_price(product.price_after_discount)}, {reason}"
+        name = words.by_brand.format(name=name, brand=product.brand)
+    reason = hit.highlight or words.rated.format(rate=f"{product.rate:g}")
+    return words.mention.format(name=name, price=spoken_price(product.price_after_discount), reason=reason)
 
 
-def search_summary(hits: list[SearchHit]) -> str:
+def search_summary(hits: list[SearchHit], words: ResultWords = en.RESULTS) -> str:
     """One sentence naming up to three products with a price and a reason each."""
-    mentions = [_mention(hit) for hit in hits[:SPOKEN_PRODUCTS_MAX]]
+    mentions = [_mention(hit, words) for hit in hits[:SPOKEN_PRODUCTS_MAX]]
     if len(mentions) > 1:
-        mentions[-1] = f"and {mentions[-1]}"
-    joined = "; ".join(mentions)
-    return f"Best match{'es' if len(mentions) > 1 else ''}: {joined}."
+        mentions[-1] = words.last_joiner.format(mention=mentions[-1])
+    template = words.best_matches if len(mentions) > 1 else words.best_match
+    return template.format(mentions="; ".join(mentions))
 
 
-def search_catalog(catalog: Catalog, args: SearchArgs) -> str:
+def search_catalog(catalog: Catalog, args: SearchArgs, words: ResultWords = en.RESULTS) -> str:
     """Up to five matches with a sentence to speak; SKUs are in the data, never the sentence."""
     hits = catalog.search(
         args.query,
@@ -347,48 +363,60 @@ def search_catalog(catalog: Catalog, args: SearchArgs) -> str:
         }
         for hit in hits
     ]
-    summary = search_summary(hits) if hits else _no_match_summary(catalog, args)
+    summary = search_summary(hits, words) if hits else _no_match_summary(catalog, args, words)
     return _output(found=len(hits), summary=summary, products=products)
 
 
-def _no_match_summary(catalog: Catalog, args: SearchArgs) -> str:
+def _no_match_summary(catalog: Catalog, args: SearchArgs, words: ResultWords) -> str:
     brands = catalog.brands
     if args.brand and args.brand.strip().casefold() not in {b.casefold() for b in brands}:
         listed = ", ".join(brands[:BRANDS_LISTED_MAX])
-        return f"The store has no brand called {args.brand}. Brands it has include {listed}."
+        return words.no_such_brand.format(brand=args.brand, brands=listed)
     limits = []
     if args.max_price is not None:
-        limits.append(f"under {spoken_price(args.max_price)}")
+        limits.append(words.under_price.format(price=spoken_price(args.max_price)))
     if args.brand:
-        limits.append(f"from {args.brand}")
+        limits.append(words.from_brand.format(brand=args.brand))
     if args.min_rating is not None:
-        limits.append(f"rated {args.min_rating:g} or more")
+        limits.append(words.rated_at_least.format(rating=f"{args.min_rating:g}"))
     if not limits:
-        return "Nothing in the store matches that. Ask them to describe it another way."
+        return words.nothing_matches
+    joined = words.limits_joiner.join(limits)
     closest = catalog.search(args.query, limit=1)
     if not closest:
-        return f"Nothing matches that {' and '.join(limits)}."
-    return (
-        f"Nothing matches that {' and '.join(limits)}. Without those limits the closest is "
-        f"{_mention(closest[0])}."
-    )
+        return words.nothing_matches_limits.format(limits=joined)
+    return words.closest_without_limits.format(limits=joined, mention=_mention(closest[0], words))
 
 
 class StoreTools:
-    """The agent's tools over the store's catalog and outbox (implements `Toolbox`)."""
+    """The agent's tools for one store: its catalog, its texting number and call center, its
+    staff (implements `Toolbox`).
+
+    `twilio`: whether Twilio credentials are configured (texts and transfers need them).
+    `clock`: the wall clock opening hours are read on.
+    """
 
     def __init__(
         self,
-        catalog: Catalog,
+        store: Store,
         outbox: DetailsOutbox,
         *,
-        sms_enabled: bool,
-        transfer_enabled: bool,
+        twilio: bool,
+        clock: Callable[[], datetime] = local_now,
     ) -> None:
-        self._catalog = catalog
+        self.store = store
         self._outbox = outbox
-        self._sms_enabled = sms_enabled
-        self._transfer_enabled = transfer_enabled
+        self._twilio = twilio
+        self._clock = clock
+        self._words = store.words.results
+
+    @property
+    def sms_enabled(self) -> bool:
+        return self._twilio and bool(self.store.sms_from)
+
+    def transfer_number(self) -> str | None:
+        """Where a transfer would go right now (None: nobody can take the call)."""
+        return self.store.transfer_to(self._clock()) if self._twilio else None
 
     async def run(self, name: str, arguments: str, context: CallContext) -> ToolResult:
         """Run one tool call; every failure becomes an `{"error": ...}` output, never a raise."""
@@ -407,7 +435,7 @@ class StoreTools:
                 parse_arguments(EndArgs, arguments)
                 result = ToolResult(_output(ending=True), action="end_call")
             else:
-                known = ", ".join(tool["name"] for tool in TOOL_DEFINITIONS)
+                known = ", ".join(PHONE_TOOL_NAMES)
                 call_log.warning("unknown tool requested", extra={"tool": name[:64]})
                 return _error(f"there is no tool named {name[:64]!r}; the tools are {known}")
         except BadArguments as exc:
@@ -420,11 +448,17 @@ class StoreTools:
         return result
 
     def search_products(self, args: SearchArgs) -> ToolResult:
-        return ToolResult(search_catalog(self._catalog, args))
+        return ToolResult(search_catalog(self.store.catalog, args, self._words))
+
+    def sms_words(self, args: SendArgs) -> SmsWords:
+        """The text's language: the store's, or for an `auto` store the one the model reported."""
+        if self.store.language == "auto" and args.language in BY_CODE:
+            return BY_CODE[args.language].sms
+        return self.store.words.sms
 
     async def send_product_details(self, args: SendArgs, context: CallContext) -> ToolResult:
         """Queue the products as a ProductsCollection before answering, so nothing promised is lost."""
-        products, unknown = self._catalog.get(args.skus)
+        products, unknown = self.store.catalog.get(args.skus)
         if unknown:
             return _error(
                 "these skus are not in the catalog: "
@@ -432,10 +466,15 @@ class StoreTools:
                 + ". Nothing was sent. Use skus exactly as search_products returned them.",
                 unknown_skus=unknown,
             )
-        collection = build_collection(products, args.note)
+        sms = self.sms_words(args)
+        collection = build_collection(products, args.note, sms)
+        words = self._words
         try:
             message_id = await self._outbox.add_product_details(
-                call_sid=context.call_sid, caller=context.caller, collection=collection
+                call_sid=context.call_sid,
+                caller=context.caller,
+                collection=collection,
+                destination=self.store.destination(sms),
             )
         except OutboxUnavailable as exc:
             CallLog(log, call_sid=context.call_sid).error(
@@ -445,10 +484,7 @@ class StoreTools:
                 _output(
                     sent=False,
                     error="the details could not be stored for sending",
-                    message=(
-                        "Tell the caller you could not send the text right now"
-                        + self._fallback_offer()
-                    ),
+                    message=words.not_stored.format(offer=self._fallback_offer()),
                 )
             )
         CallLog(log, call_sid=context.call_sid).info(
@@ -457,61 +493,44 @@ class StoreTools:
                 "message_id": message_id,
                 "products": len(products),
                 "caller": mask_phone(context.caller),
+                "store": self.store.id,
             },
         )
-        if not self._sms_enabled:
-            sms, message = "disabled", (
-                "Texting is not available at this store, so do not promise a text. The store's "
-                "team has the details" + self._fallback_offer()
-            )
+        if not self.sms_enabled:
+            state, message = "disabled", words.texting_off.format(offer=self._fallback_offer())
         elif not can_receive_sms(context.caller):
-            sms, message = "no_caller_number", (
-                "The caller's number is hidden, so no text can be sent to them; tell them so. "
-                "The store's team has the details" + self._fallback_offer()
-            )
+            state, message = "no_caller_number", words.hidden_number.format(offer=self._fallback_offer())
         else:
-            sms, message = await self._confirm_sms(message_id)
-        return ToolResult(_output(sent=True, sms=sms, message=message))
+            state, message = await self._confirm_sms(message_id)
+        return ToolResult(_output(sent=True, sms=state, message=message))
 
     async def _confirm_sms(self, message_id: str) -> tuple[str, str]:
         """Waits briefly for Twilio's answer, so the bot never promises a text that was refused."""
+        words = self._words
         outcome = await self._outbox.sms_outcome(message_id, SMS_CONFIRM_WAIT_S)
         if outcome is None:
-            return "queued", "Tell the caller the details are on their way by text."
+            return "queued", words.text_on_its_way
         if outcome.state == "sent":
-            return "sent", "Tell the caller the text with the details has been sent."
-        reason = SMS_REFUSAL_REASONS.get(outcome.error_code or 0, "the text could not be delivered")
-        return "failed", (
-            f"The text could not be sent: {reason}. Tell the caller you couldn't text that number. "
-            "The store's team has the details" + self._fallback_offer()
-        )
+            return "sent", words.text_sent
+        reason = words.refusals.get(outcome.error_code or 0, words.refusal_default)
+        return "failed", words.text_failed.format(reason=reason, offer=self._fallback_offer())
 
     def _fallback_offer(self) -> str:
-        if self._transfer_enabled:
-            return "; offer to connect them to a person at the store."
-        return "; offer to describe the products briefly instead."
+        return self._words.offer_person if self.transfer_number() else self._words.offer_describe
 
     def transfer_to_person(self, args: TransferArgs) -> ToolResult:
         """Hand the call to the store's staff, or say honestly that nobody is available."""
-        if self._transfer_enabled:
-            return ToolResult(
-                _output(
-                    transferring=True,
-                    message="Say in one short sentence that you are connecting them to a person now.",
-                ),
-                action="transfer",
-            )
-        offer = (
-            "offer to text them the product details instead, or keep helping them yourself."
-            if self._sms_enabled
-            else "offer to keep helping them yourself."
-        )
-        return ToolResult(
-            _output(
-                transferring=False,
-                message=f"Nobody from the store can take the call right now. Apologize briefly and {offer}",
-            )
-        )
+        words = self._words
+        if self.transfer_number():
+            return ToolResult(_output(transferring=True, message=words.transferring), action="transfer")
+        offer = words.offer_text_or_help if self.sms_enabled else words.offer_help
+        now = self._clock()
+        if self._twilio and not self.store.is_open(now) and self.store.hours is not None:
+            when = self.store.hours_note(now) or ""
+            message = words.store_closed.format(when=when, offer=offer)
+        else:
+            message = words.nobody_available.format(offer=offer)
+        return ToolResult(_output(transferring=False, message=message))
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,24 +542,26 @@ class BrowserToolResult:
 
 
 class BrowserTools:
-    """The browser assistant's tools over the store's catalog: search it, show products as cards.
+    """The browser assistant's tools over one store's catalog: search it, show products as cards.
 
     The page runs the model's tool calls through the app (`POST /assistant/tools/{name}`), so
     only these two exist there: nothing a browser can reach texts anyone or moves a phone call.
     """
 
-    names = tuple(tool["name"] for tool in BROWSER_TOOL_DEFINITIONS)
+    names = BROWSER_TOOL_NAMES
 
-    def __init__(self, catalog: Catalog, *, media_base_url: str) -> None:
-        self._catalog = catalog
+    def __init__(self, store: Store, *, media_base_url: str) -> None:
+        self.store = store
         self._media_base_url = media_base_url
 
     async def run(self, name: str, arguments: str) -> BrowserToolResult:
         """Run one tool call; every failure becomes an `{"error": ...}` output, never a raise."""
+        words = self.store.words.results
         try:
             if name == "search_products":
                 query = parse_arguments(SearchArgs, arguments)
-                result = BrowserToolResult(await asyncio.to_thread(search_catalog, self._catalog, query))
+                output = await asyncio.to_thread(search_catalog, self.store.catalog, query, words)
+                result = BrowserToolResult(output)
             elif name == "show_products":
                 result = self.show_products(parse_arguments(ShowArgs, arguments))
             else:
@@ -555,12 +576,13 @@ class BrowserTools:
             message = f"{name} failed unexpectedly. Apologize and offer another way to help."
             return BrowserToolResult(_output(error=message))
         shown = len(result.collection.JsonData.products) if result.collection else 0
-        log.info("browser tool ran", extra={"tool": name, "products_shown": shown})
+        log.info("browser tool ran", extra={"tool": name, "products_shown": shown, "store": self.store.id})
         return result
 
     def show_products(self, args: ShowArgs) -> BrowserToolResult:
         """The known products go to the page with links it can open; the model gets their names."""
-        products, unknown = self._catalog.get(list(dict.fromkeys(args.skus)))
+        words = self.store.words
+        products, unknown = self.store.catalog.get(list(dict.fromkeys(args.skus)))
         if not products:
             message = (
                 "none of these skus is in the catalog: " + ", ".join(unknown) + ". Nothing was "
@@ -571,19 +593,20 @@ class BrowserTools:
         fields: dict[str, Any] = {
             "shown": len(shown),
             "names": [p.name for p in shown],
-            "message": "The products are on the customer's screen now. Say so in a few words; "
-            "never read their details or links out.",
+            "message": words.results.shown,
         }
         if unknown:
             fields["unknown_skus"] = unknown
-            fields["message"] += " Some skus were not in the catalog and are not shown."
-        collection = ProductsCollection(TextMessage=SHOWN_TEXT, JsonData=JsonData(products=shown))
+            fields["message"] += words.results.shown_some_unknown
+        collection = ProductsCollection(TextMessage=words.sms.shown, JsonData=JsonData(products=shown))
         return BrowserToolResult(_output(**fields), collection)
 
 
-def build_collection(products: list[Product], note: str | None) -> ProductsCollection:
+def build_collection(
+    products: list[Product], note: str | None, words: SmsWords = en.SMS
+) -> ProductsCollection:
     """The seed's ProductsCollection: a short human text plus the full products."""
-    text = DETAILS_TEXT
+    text = words.details
     cleaned = " ".join((note or "").split())[:NOTE_MAX_CHARS]
     if cleaned:
         text = f"{text} {cleaned}"

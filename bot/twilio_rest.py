@@ -180,21 +180,30 @@ class TwilioRest:
             timeout_s=settings.twilio_timeout_s,
         )
 
-    async def send_sms(self, to: str, body: str, media_urls: Sequence[str] = ()) -> str:
-        """Create one message; returns its SID. Not idempotent: see TwilioAmbiguousError."""
-        if not self.from_number:
+    async def send_sms(
+        self, to: str, body: str, media_urls: Sequence[str] = (), *, from_: str | None = None
+    ) -> str:
+        """Create one message from `from_` (default TWILIO_FROM_NUMBER); returns its SID.
+
+        Not idempotent: see TwilioAmbiguousError.
+        """
+        sender = from_ or self.from_number
+        if not sender:
             raise TwilioPermanentError(None, "no sender: TWILIO_FROM_NUMBER is not set")
         try:
             message = await self._client.messages.create_async(
-                to=to, from_=self.from_number, body=body, media_url=list(media_urls) or None
+                to=to, from_=sender, body=body, media_url=list(media_urls) or None
             )
         except TwilioRestException as exc:
             raise permanent(exc) from exc
         log.info("sms accepted", extra={"to": mask_phone(to), "sid": message.sid})
         return str(message.sid)
 
-    async def recent_messages(self, to: str, since: datetime) -> list[SentMessage]:
-        """Our messages to `to` created at or after `since` (aware datetime), newest first.
+    async def recent_messages(
+        self, to: str, since: datetime, *, from_: str | None = None
+    ) -> list[SentMessage]:
+        """Our messages (from `from_`, default TWILIO_FROM_NUMBER) to `to` created at or after
+        `since` (aware datetime), newest first.
 
         Filtered by creation time here rather than with Twilio's `DateSent>` because a message
         still queued has no send date yet, and that is exactly the one an ambiguous send needs.
@@ -202,7 +211,7 @@ class TwilioRest:
         try:
             found = await self._client.messages.list_async(
                 to=to,
-                from_=self.from_number or values.unset,
+                from_=from_ or self.from_number or values.unset,
                 limit=RECENT_MESSAGES_LIMIT,
                 page_size=RECENT_MESSAGES_PAGE_SIZE,
             )

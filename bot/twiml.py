@@ -13,7 +13,8 @@ from importlib.resources.abc import Traversable
 from string import Template
 from xml.sax.saxutils import escape
 
-from bot.settings import PACKAGE_DIR, Settings
+from bot.settings import PACKAGE_DIR
+from bot.stores import DEFAULT_STORE_ID
 
 
 def documents_dir() -> Traversable:
@@ -38,19 +39,21 @@ def _render(name: str, **values: str) -> str:
     return _template(name).substitute(quoted)
 
 
-def render_stream_twiml(*, stream_url: str, caller: str, called: str, token: str) -> str:
-    return _render("stream.xml", stream_url=stream_url, caller=caller, called=called, token=token)
+def render_stream_twiml(
+    *, stream_url: str, caller: str, called: str, token: str, store: str = DEFAULT_STORE_ID
+) -> str:
+    """`store`: the id of the store the dialled number belongs to (the token vouches for it)."""
+    return _render(
+        "stream.xml", stream_url=stream_url, caller=caller, called=called, store=store, token=token
+    )
 
 
-def render_fallback_twiml(settings: Settings) -> str:
+def render_fallback_twiml(store_phone_number: str | None) -> str:
     """The apology, and a ring to the store when there is a number to ring."""
-    if settings.store_phone_number:
-        return _render("fallback_dial.xml", store_phone_number=settings.store_phone_number)
+    if store_phone_number:
+        return _render("fallback_dial.xml", store_phone_number=store_phone_number)
     return _render("fallback.xml")
 
 
-def render_transfer_twiml(settings: Settings) -> str | None:
-    """None when no store number is configured: there is nobody to transfer to."""
-    if not settings.store_phone_number:
-        return None
-    return _render("transfer.xml", store_phone_number=settings.store_phone_number)
+def render_transfer_twiml(store_phone_number: str) -> str:
+    return _render("transfer.xml", store_phone_number=store_phone_number)

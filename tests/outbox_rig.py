@@ -152,7 +152,7 @@ async def drain(relay: Relay, clock: FakeClock, max_rounds: int = 60) -> None:
     for _ in range(max_rounds):
         if await relay.relay_due():
             continue
-        next_at = await relay.outbox.next_due_at(relay.channels)
+        next_at = await relay.next_due_at()
         if next_at is None:
             return
         clock.now = max(clock.now, next_at)
@@ -161,7 +161,7 @@ async def drain(relay: Relay, clock: FakeClock, max_rounds: int = 60) -> None:
 
 async def drain_one(relay: Relay, clock: FakeClock) -> None:
     """One round at the next due time."""
-    next_at = await relay.outbox.next_due_at(relay.channels)
+    next_at = await relay.next_due_at()
     assert next_at is not None
     clock.now = max(clock.now, next_at)
     assert await relay.relay_due() >= 1

@@ -27,6 +27,7 @@ from bot.sim.phone import PhoneCall, dial
 from bot.sim.realtime import RealtimeSimulator, Scenario, ToolCall, Turn
 from bot.sim.server import LocalServer
 from bot.sim.twilio_api import TwilioApiSimulator
+from bot.stores import Destination, Stores
 from bot.stream_token import mint_stream_token
 from bot.tools import CallContext, ToolResult
 from bot.twilio_rest import TwilioRest
@@ -69,7 +70,9 @@ class ScriptedToolbox:
 class RecordSink:
     records: list[dict[str, Any]] = field(default_factory=list)
 
-    async def add_call_completed(self, *, call_sid: str, caller: str, record: dict[str, Any]) -> str:
+    async def add_call_completed(
+        self, *, call_sid: str, caller: str, record: dict[str, Any], destination: Destination
+    ) -> str:
         self.records.append({"call_sid": call_sid, "caller": caller, "record": record})
         return f"msg_{len(self.records)}"
 
@@ -150,11 +153,10 @@ async def stack(request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
         deps = BridgeDeps(
             settings=settings,
             stream_key=STREAM_KEY,
-            toolbox=toolbox,
+            stores=Stores.load(settings),
+            tools_for=lambda store: toolbox,
             twilio=TwilioRest.from_settings(settings, http),
             outbox=sink,
-            fallback_twiml=render_fallback_twiml(settings),
-            transfer_twiml=render_transfer_twiml(settings),
             start_timeout_s=0.5,
             control_grace_s=1.0,
         )
@@ -419,7 +421,7 @@ async def test_a_dtmf_storm_transfers_once_after_the_connecting_line(stack: Stac
         heard_line = call.heard_ms()
     [update] = stack.twilio_api.call_updates
     assert update["call_sid"] == call.call_sid
-    assert update["Twiml"] == stack.deps.transfer_twiml
+    assert update["Twiml"] == render_transfer_twiml(STORE_NUMBER)
     assert heard_line > 0
     await stack.ended()
     assert stack.sink.records[0]["record"]["outcome"] == "transferred"
@@ -483,7 +485,7 @@ async def test_when_reconnecting_fails_the_call_is_redirected_to_the_fallback(st
         stack.realtime.close_with(1011, "internal error")
         await until(lambda: bool(stack.twilio_api.call_updates), 5)
     [update] = stack.twilio_api.call_updates
-    assert update["Twiml"] == stack.deps.fallback_twiml
+    assert update["Twiml"] == render_fallback_twiml(STORE_NUMBER)
     await stack.ended()
     assert stack.sink.records[0]["record"]["outcome"] == "fallback"
     assert stack.realtime.open_connections == 0
@@ -495,7 +497,7 @@ async def test_a_refused_realtime_handshake_sends_the_fallback_within_3_s(stack:
     async with stack.dial():
         await until(lambda: bool(stack.twilio_api.call_updates), 3)
     assert time.monotonic() - started < 3
-    assert stack.twilio_api.call_updates[0]["Twiml"] == stack.deps.fallback_twiml
+    assert stack.twilio_api.call_updates[0]["Twiml"] == render_fallback_twiml(STORE_NUMBER)
     assert stack.deps.stats.realtime_refused == 1
     assert len(stack.realtime.sessions) == 0
 

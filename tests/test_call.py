@@ -37,8 +37,9 @@ from bot.call import (
 from bot.call import (
     PCM24K_BYTES_PER_MS as PCM_BYTES_PER_MS,
 )
-from bot.tools import GREETING_INSTRUCTIONS, ToolResult
+from bot.tools import ToolResult
 from bot.twilio_stream import Dtmf, Mark, Media
+from bot.words import en
 
 SID = "MZ" + "1" * 32
 CALL_SID = "CA" + "2" * 32
@@ -158,7 +159,7 @@ def test_the_first_session_greets_at_once_without_waiting_for_session_updated() 
     call = Call(call_sid=CALL_SID, stream_sid=SID, now_ms=0, audio_format="pcmu")
     events = realtime_events(call.session_opened(0))
     assert [e["type"] for e in events] == ["response.create"]
-    assert GREETING_INSTRUCTIONS in events[0]["response"]["instructions"]
+    assert en.AGENT.greet in events[0]["response"]["instructions"]
 
 
 def test_pcmu_media_is_passed_through_as_an_append_of_the_same_base64() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -337,22 +336,6 @@ def test_searches_from_many_threads_survive_reloads(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert errors == []
-
-
-@pytest.mark.anyio
-async def test_watch_reloads_a_changed_file_in_the_background(tmp_path: Path) -> None:
-    path = write(tmp_path / "c.json", json.dumps(bike_catalog()), mtime_s=1_000)
-    catalog = Catalog.load(path)
-    watcher = asyncio.create_task(catalog.watch(interval_s=0.01))
-    try:
-        write(path, json.dumps([product("TV-1", "Cinema Television")]), mtime_s=2_000)
-        for _ in range(500):
-            if len(catalog) == 1:
-                break
-            await asyncio.sleep(0.01)
-    finally:
-        watcher.cancel()
-    assert catalog.get(["TV-1"])[1] == []
 
 
 @pytest.mark.parametrize("command", ["check", "import"])

@@ -26,9 +26,12 @@ from bot.realtime import (
 )
 from bot.settings import Settings
 from bot.sim.realtime import RealtimeSimulator, Scenario
+from bot.tools import Agent, phone_tools
+from bot.words import en
 
 pytestmark = pytest.mark.anyio
 API_KEY = "sk-test-realtime-client"
+AGENT = Agent("You are the store's phone assistant.", phone_tools(en.WORDS), "marin", "en")
 
 
 def settings_for(url: str, **extra: str) -> Settings:
@@ -53,18 +56,18 @@ async def first_events(client: RealtimeClient, count: int) -> list[dict[str, Any
 
 async def test_the_first_client_event_is_session_update_from_settings(sim: RealtimeSimulator) -> None:
     settings = settings_for(sim.url)
-    client = await RealtimeClient.open(settings)
+    client = await RealtimeClient.open(settings, AGENT)
     events = await first_events(client, 2)
     await client.close()
     assert [e["type"] for e in events] == ["session.created", "session.updated"]
-    assert sim.sessions[0].events_received[0] == session_update_event(settings)
+    assert sim.sessions[0].events_received[0] == session_update_event(settings, AGENT)
 
 
 @pytest.mark.parametrize("audio_format", ["pcm16", "pcmu"])
 async def test_the_simulator_accepts_the_session_in_both_audio_modes(
     sim: RealtimeSimulator, audio_format: str
 ) -> None:
-    client = await RealtimeClient.open(settings_for(sim.url, AUDIO_FORMAT=audio_format))
+    client = await RealtimeClient.open(settings_for(sim.url, AUDIO_FORMAT=audio_format), AGENT)
     events = await first_events(client, 2)
     await client.close()
     assert "error" not in [e["type"] for e in events]
@@ -73,14 +76,14 @@ async def test_the_simulator_accepts_the_session_in_both_audio_modes(
 
 
 async def test_no_beta_header_is_sent(sim: RealtimeSimulator) -> None:
-    client = await RealtimeClient.open(settings_for(sim.url))
+    client = await RealtimeClient.open(settings_for(sim.url), AGENT)
     await first_events(client, 1)
     await client.close()
     assert sim.sessions[0].beta_header is False
 
 
 async def test_close_leaves_no_session_open(sim: RealtimeSimulator) -> None:
-    client = await RealtimeClient.open(settings_for(sim.url))
+    client = await RealtimeClient.open(settings_for(sim.url), AGENT)
     await first_events(client, 1)
     await client.close()
     for _ in range(200):
@@ -92,7 +95,7 @@ async def test_close_leaves_no_session_open(sim: RealtimeSimulator) -> None:
 
 
 async def test_a_dropped_socket_ends_the_event_stream_without_raising(sim: RealtimeSimulator) -> None:
-    client = await RealtimeClient.open(settings_for(sim.url))
+    client = await RealtimeClient.open(settings_for(sim.url), AGENT)
     await first_events(client, 2)
     sim.close_with(1001, "Your session hit the maximum duration of 60 minutes.")
     async with asyncio.timeout(5):
@@ -105,7 +108,7 @@ async def test_a_dropped_socket_ends_the_event_stream_without_raising(sim: Realt
 async def test_a_refused_handshake_raises_refused_and_is_not_retried(status: int) -> None:
     async with CountingServer(refuse_with=[status] * 5) as server:
         with pytest.raises(RealtimeRefused) as caught:
-            await connect_realtime(settings_for(server.url), rng=lambda: 0.0)
+            await connect_realtime(settings_for(server.url), AGENT, rng=lambda: 0.0)
     assert caught.value.status == status
     assert server.handshakes == 1
 
@@ -113,7 +116,7 @@ async def test_a_refused_handshake_raises_refused_and_is_not_retried(status: int
 @pytest.mark.parametrize("status", [429, 500, 503])
 async def test_rate_limits_and_server_errors_are_retried_then_succeed(status: int) -> None:
     async with CountingServer(refuse_with=[status, status]) as server:
-        client = await connect_realtime(settings_for(server.url), rng=lambda: 0.0)
+        client = await connect_realtime(settings_for(server.url), AGENT, rng=lambda: 0.0)
         await client.close()
     assert server.handshakes == 3
 
@@ -121,7 +124,7 @@ async def test_rate_limits_and_server_errors_are_retried_then_succeed(status: in
 async def test_retries_are_bounded() -> None:
     async with CountingServer(refuse_with=[503] * 10) as server:
         with pytest.raises(RealtimeUnavailable):
-            await connect_realtime(settings_for(server.url), attempts=3, rng=lambda: 0.0)
+            await connect_realtime(settings_for(server.url), AGENT, attempts=3, rng=lambda: 0.0)
     assert server.handshakes == 3
 
 
@@ -131,19 +134,19 @@ async def test_an_unreachable_server_is_unavailable_not_refused() -> None:
         port = sock.getsockname()[1]
     with pytest.raises(RealtimeUnavailable):
         await connect_realtime(
-            settings_for(f"ws://127.0.0.1:{port}/v1/realtime"), attempts=2, rng=lambda: 0.0
+            settings_for(f"ws://127.0.0.1:{port}/v1/realtime"), AGENT, attempts=2, rng=lambda: 0.0
         )
 
 
 async def test_a_missing_api_key_is_a_refusal_without_any_connection() -> None:
     settings = Settings.model_validate({"OPENAI_REALTIME_URL": "ws://127.0.0.1:9/v1/realtime"})
     with pytest.raises(RealtimeRefused):
-        await connect_realtime(settings)
+        await connect_realtime(settings, AGENT)
 
 
 async def test_an_oversized_server_message_closes_the_socket_with_1009() -> None:
     async with CountingServer(send_first="x" * (REALTIME_MAX_MESSAGE_BYTES + 1)) as server:
-        client = await RealtimeClient.open(settings_for(server.url))
+        client = await RealtimeClient.open(settings_for(server.url), AGENT)
         async with asyncio.timeout(5):
             events = [event async for event in client.events()]
     assert events == []
@@ -152,7 +155,8 @@ async def test_an_oversized_server_message_closes_the_socket_with_1009() -> None
 
 async def test_the_handshake_carries_the_bearer_key_and_the_model() -> None:
     async with CountingServer() as server:
-        client = await RealtimeClient.open(settings_for(server.url, REALTIME_MODEL="gpt-realtime-mini"))
+        settings = settings_for(server.url, REALTIME_MODEL="gpt-realtime-mini")
+        client = await RealtimeClient.open(settings, AGENT)
         await client.close()
     [request] = server.requests
     assert request.headers["Authorization"] == f"Bearer {API_KEY}"

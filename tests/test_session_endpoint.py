@@ -7,23 +7,30 @@ import socket
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
 from bot.app import create_app
+from bot.catalog import Catalog
 from bot.ephemeral import retry_after_seconds
-from bot.realtime import session_config
-from bot.settings import Settings, load_settings
+from bot.settings import SAMPLE_CATALOG_PATH, Settings, load_settings
 from bot.sim.realtime import RealtimeSimulator, Scenario
 from bot.sim.server import LocalServer
-from bot.tools import BROWSER_AGENT, PHONE_AGENT
+from bot.stores import Store, default_store
+from bot.tools import browser_agent, phone_agent
 
 pytestmark = pytest.mark.anyio
 
 SIM_KEY = "sk-sim-session-test"
 ALLOWED = "https://shop.example.com"
+NOW = datetime.now().astimezone()
+
+
+def the_default_store(settings: Settings) -> Store:
+    return default_store(settings, Catalog.load(SAMPLE_CATALOG_PATH))
 
 
 @pytest.fixture
@@ -91,17 +98,19 @@ async def test_a_browser_gets_a_fresh_secret_for_the_browser_agent_and_where_to_
     assert body["realtime_url"] == settings.realtime_connect_url
     assert first.headers["cache-control"] == "no-store"
     assert first.headers["access-control-allow-origin"] == ALLOWED
-    phone_session = session_config(settings)
-    assert body["session"]["instructions"] == BROWSER_AGENT.instructions
+    store = the_default_store(settings)
+    assert body["session"]["instructions"] == browser_agent(store, NOW).instructions
     assert [t["name"] for t in body["session"]["tools"]] == ["search_products", "show_products"]
-    assert body["session"]["audio"]["output"]["voice"] == phone_session["audio"]["output"]["voice"]
+    assert body["session"]["audio"]["output"]["voice"] == phone_agent(store, NOW).voice
     assert body["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
     assert SIM_KEY not in first.text
 
 
 def test_the_browser_agent_is_the_phone_agent_minus_the_phone() -> None:
-    phone = {t["name"]: t for t in PHONE_AGENT.tools}
-    browser = {t["name"]: t for t in BROWSER_AGENT.tools}
+    store = the_default_store(plain_settings(STORE_LANGUAGE="en"))
+    phone_agent_, browser_agent_ = phone_agent(store, NOW), browser_agent(store, NOW)
+    phone = {t["name"]: t for t in phone_agent_.tools}
+    browser = {t["name"]: t for t in browser_agent_.tools}
     assert set(browser) == {"search_products", "show_products"}
     for key in ("required", "additionalProperties"):
         assert browser["search_products"]["parameters"][key] == phone["search_products"]["parameters"][key]
@@ -109,9 +118,9 @@ def test_the_browser_agent_is_the_phone_agent_minus_the_phone() -> None:
         phone["search_products"]["parameters"]["properties"].keys()
     )
     for line in ("Never read out SKUs, links, web addresses, JSON", "one or two short sentences"):
-        assert line in PHONE_AGENT.instructions and line in BROWSER_AGENT.instructions
+        assert line in phone_agent_.instructions and line in browser_agent_.instructions
     for phone_only in ("send_product_details", "transfer_to_person", "end_call", "text the"):
-        assert phone_only not in BROWSER_AGENT.instructions
+        assert phone_only not in browser_agent_.instructions
 
 
 async def test_an_openai_refusal_becomes_502_with_openais_reason(openai_sim: RealtimeSimulator) -> None:

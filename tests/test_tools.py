@@ -12,6 +12,7 @@ import pytest
 from bot.catalog import Catalog
 from bot.products import ProductsCollection
 from bot.settings import SAMPLE_CATALOG_PATH
+from bot.stores import Destination, Store
 from bot.tools import (
     TOOL_DEFINITIONS,
     BrowserTools,
@@ -39,11 +40,15 @@ class RecordingOutbox:
     failure: Exception | None = None
     sms: SmsOutcome | None = None
     messages: list[tuple[str, str, ProductsCollection]] = field(default_factory=list)
+    destinations: list[Destination] = field(default_factory=list)
 
-    async def add_product_details(self, *, call_sid: str, caller: str, collection: ProductsCollection) -> str:
+    async def add_product_details(
+        self, *, call_sid: str, caller: str, collection: ProductsCollection, destination: Destination
+    ) -> str:
         if self.failure is not None:
             raise self.failure
         self.messages.append((call_sid, caller, collection))
+        self.destinations.append(destination)
         return f"msg-{len(self.messages)}"
 
     async def sms_outcome(self, message_id: str, timeout_s: float) -> SmsOutcome | None:
@@ -63,12 +68,17 @@ def make_tools(
     sms_enabled: bool = True,
     transfer_enabled: bool = True,
 ) -> StoreTools:
-    return StoreTools(
-        catalog,
-        outbox or RecordingOutbox(),
-        sms_enabled=sms_enabled,
-        transfer_enabled=transfer_enabled,
+    """A store's tools: texting without a sender number, transferring without a number, are off."""
+    store = Store(
+        id="default",
+        name=None,
+        language="auto",
+        voice="marin",
+        catalog=catalog,
+        sms_from="+15550001111" if sms_enabled else None,
+        transfer_number="+15557654321" if transfer_enabled else None,
     )
+    return StoreTools(store, outbox or RecordingOutbox(), twilio=True)
 
 
 async def call(tools: StoreTools, name: str, arguments: Any, context: CallContext = CALL) -> dict[str, Any]:
@@ -353,7 +363,8 @@ async def browse(
     catalog: Catalog, name: str, arguments: Any
 ) -> tuple[dict[str, Any], ProductsCollection | None]:
     raw = arguments if isinstance(arguments, str) else json.dumps(arguments)
-    result = await BrowserTools(catalog, media_base_url=MEDIA).run(name, raw)
+    store = Store(id="default", name=None, language="auto", voice="marin", catalog=catalog)
+    result = await BrowserTools(store, media_base_url=MEDIA).run(name, raw)
     return json.loads(result.output), result.collection
 
 

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bot.products import Product, ProductsCollection, absolute_url
+from bot.words import SmsWords, en
 
 SMS_MAX_CHARS = 1600
 REF_CHARS = 4
@@ -44,24 +45,27 @@ class SmsPart:
     media_urls: tuple[str, ...] = ()
 
 
-def price_line(product: Product) -> str:
+def price_line(product: Product, words: SmsWords = en.SMS) -> str:
     """'$764.99, 15% off' (or just '$899.99' without a discount)."""
     price = f"${product.price_after_discount:,.2f}"
-    return f"{price}, {product.discount:g}% off" if product.discount else price
+    if not product.discount:
+        return price
+    return words.percent_off.format(price=price, discount=f"{product.discount:g}")
 
 
-def product_lines(product: Product, media_base_url: str) -> list[str]:
-    """A product as short lines: name, price, then each link with a label."""
+def product_lines(product: Product, media_base_url: str, words: SmsWords = en.SMS) -> list[str]:
+    """A product as short lines: name, price, then each link with a label (product fields as
+    the catalog has them, labels in the text's language)."""
     lines = [product.name if product.brand in product.name else f"{product.name} ({product.brand})"]
-    lines.append(price_line(product))
+    lines.append(price_line(product, words))
     pictures = [p for p in (product.profilePic, *product.images) if p]
     for n, picture in enumerate(dict.fromkeys(pictures), start=1):
-        lines.append(f"Photo {n}: {absolute_url(picture, media_base_url)}")
+        lines.append(f"{words.photo} {n}: {absolute_url(picture, media_base_url)}")
     links = (
-        ("3D view", product.Link3D),
-        ("AR view", product.LinkAR),
-        ("Video", product.LinkVideo),
-        ("Specs", product.TechnicalSheet),
+        (words.view_3d, product.Link3D),
+        (words.view_ar, product.LinkAR),
+        (words.video, product.LinkVideo),
+        (words.specs, product.TechnicalSheet),
     )
     lines += [f"{label}: {absolute_url(link, media_base_url)}" for label, link in links if link]
     return lines
@@ -73,6 +77,7 @@ def render_sms(
     reference: str,
     media_base_url: str,
     include_picture: bool = False,
+    words: SmsWords = en.SMS,
 ) -> list[SmsPart]:
     """The caller's text, in as few parts as fit 1600 characters, each ending with its reference.
 
@@ -83,7 +88,7 @@ def render_sms(
     budget = SMS_MAX_CHARS - reserve
     blocks = [[collection.TextMessage.strip()]] if collection.TextMessage.strip() else []
     products = collection.JsonData.products
-    blocks += [product_lines(p, media_base_url) for p in products]
+    blocks += [product_lines(p, media_base_url, words) for p in products]
     texts: list[str] = []
     current = ""
     for block in blocks:
@@ -116,12 +121,15 @@ class SmsStyle:
     media_base_url: str
     include_picture: bool = False
 
-    def render(self, message_id: str, collection: ProductsCollection) -> list[SmsPart]:
+    def render(
+        self, message_id: str, collection: ProductsCollection, words: SmsWords = en.SMS
+    ) -> list[SmsPart]:
         return render_sms(
             collection,
             reference=sms_reference(message_id),
             media_base_url=self.media_base_url,
             include_picture=self.include_picture,
+            words=words,
         )
 
 

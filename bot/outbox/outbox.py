@@ -30,6 +30,7 @@ from bot.outbox.sqlite import SqliteStore
 from bot.outbox.store import OutboxStore
 from bot.products import ProductsCollection
 from bot.settings import DEFAULT_MEDIA_BASE_URL, Settings
+from bot.stores import Destination
 from bot.tools import OutboxUnavailable, SmsOutcome
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,11 @@ T = TypeVar("T")
 class Outbox:
     """The durable outbox of product details and call records. See the package docstring.
 
-    `webhooks`: whether webhooks are configured; when they are not, no webhook row is queued
-    (they would pile up unsent), only the caller's SMS. The SMS text is written in `sms_style`
-    when the message is queued, so every attempt sends the same text.
+    Each message goes where its `Destination` says (its store's texting number and call
+    center); without one, where the deployment's settings say. `webhooks`: whether those
+    settings have a call center; when a destination has none, no webhook row is queued (it would
+    pile up unsent), only the caller's SMS. The SMS text is written in `sms_style` and the
+    destination's language when the message is queued, so every attempt sends the same text.
     """
 
     def __init__(
@@ -64,7 +67,7 @@ class Outbox:
         self._listeners: list[Callable[[], None]] = []
         self._sms_waiters: dict[str, list[asyncio.Future[SmsOutcome]]] = {}
         self.problem: str | None = None
-        self.disabled_webhook: DisabledEndpoint | None = None
+        self.disabled_webhooks: list[DisabledEndpoint] = []
 
     async def open(self) -> Outbox:
         await self.store.open()
@@ -97,16 +100,26 @@ class Outbox:
         found: dict[str, str] = {}
         if self.problem:
             found["outbox"] = self.problem
-        if self.disabled_webhook is not None:
-            found["webhooks"] = (
-                f"{self.disabled_webhook.reason}; re-enable with `python -m bot outbox enable-webhooks`"
-            )
+        if self.disabled_webhooks:
+            held = "; ".join(f"{endpoint.url}: {endpoint.reason}" for endpoint in self.disabled_webhooks)
+            found["webhooks"] = f"{held}; re-enable with `python -m bot outbox enable-webhooks`"
         return found
 
     # -- queueing (the tools and the bridge)
 
-    async def add_product_details(self, *, call_sid: str, caller: str, collection: ProductsCollection) -> str:
+    def _destination(self, destination: Destination | None) -> Destination:
+        return destination if destination is not None else Destination(webhooks=self.webhooks)
+
+    async def add_product_details(
+        self,
+        *,
+        call_sid: str,
+        caller: str,
+        collection: ProductsCollection,
+        destination: Destination | None = None,
+    ) -> str:
         """Queue the SMS (and the `products.sent` webhook) in one transaction; returns the message id."""
+        to = self._destination(destination)
         message_id = new_message_id()
         now = self._clock()
         data = {
@@ -116,31 +129,33 @@ class Outbox:
             "collection": collection.model_dump(mode="json"),
         }
         payload = json.dumps({"data": data}, separators=(",", ":"))
-        text = parts_json(self.sms_style.render(message_id, collection))
+        text = parts_json(self.sms_style.render(message_id, collection, to.sms))
         rows = [
-            NewRow(message_id, "sms", "products.sent", call_sid, caller, payload, text, "pending", now, now)
-        ]
-        if self.webhooks:
-            rows.append(
-                NewRow(
-                    message_id,
-                    "webhook",
-                    "products.sent",
-                    call_sid,
-                    None,
-                    payload,
-                    None,
-                    "waiting",
-                    None,
-                    now,
-                )
+            NewRow(
+                message_id, "sms", "products.sent", call_sid, caller, payload, text, "pending", now,
+                now, store_id=to.store_id, sender=to.sms_from,
             )
+        ]  # fmt: skip
+        if to.webhooks:
+            hook = NewRow(
+                message_id, "webhook", "products.sent", call_sid, None, payload, None, "waiting",
+                None, now, store_id=to.store_id, endpoint=to.webhook_url,
+            )  # fmt: skip
+            rows.append(hook)
         await self._insert(rows)
         return message_id
 
-    async def add_call_completed(self, *, call_sid: str, caller: str, record: dict[str, Any]) -> str | None:
+    async def add_call_completed(
+        self,
+        *,
+        call_sid: str,
+        caller: str,
+        record: dict[str, Any],
+        destination: Destination | None = None,
+    ) -> str | None:
         """Queue a `call.completed` webhook (transcript, duration, metrics); None when webhooks are off."""
-        if not self.webhooks:
+        to = self._destination(destination)
+        if not to.webhooks:
             return None
         message_id = new_message_id()
         now = self._clock()
@@ -163,6 +178,8 @@ class Outbox:
                     "pending",
                     now,
                     now,
+                    store_id=to.store_id,
+                    endpoint=to.webhook_url,
                 )
             ]
         )
@@ -224,16 +241,26 @@ class Outbox:
     # -- relaying (the relay)
 
     async def claim(
-        self, now: float, limit: int, channels: Sequence[Channel], owner: str, lease_until: float
+        self,
+        now: float,
+        limit: int,
+        channels: Sequence[Channel],
+        owner: str,
+        lease_until: float,
+        default_endpoint: str | None = None,
     ) -> list[OutboxRow]:
         if not channels or limit <= 0:
             return []
-        return await self._write(self.store.claim(now, limit, tuple(channels), owner, lease_until))
+        return await self._write(
+            self.store.claim(now, limit, tuple(channels), owner, lease_until, default_endpoint)
+        )
 
-    async def next_due_at(self, channels: Sequence[Channel]) -> float | None:
+    async def next_due_at(
+        self, channels: Sequence[Channel], default_endpoint: str | None = None
+    ) -> float | None:
         if not channels:
             return None
-        return await self._read(self.store.next_due_at(tuple(channels)))
+        return await self._read(self.store.next_due_at(tuple(channels), default_endpoint))
 
     async def renew(self, key: RowKey, owner: str, lease_until: float) -> bool:
         return await self._write(self.store.renew(key, owner, lease_until, self._clock()))

@@ -74,6 +74,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE TABLE outbox_probe (data bytea)",
     ),
+    (
+        # Stores: each row names its store, SMS sender and webhook URL (NULL: the settings').
+        "ALTER TABLE outbox ADD COLUMN store_id text",
+        "ALTER TABLE outbox ADD COLUMN sender text",
+        "ALTER TABLE outbox ADD COLUMN endpoint text",
+    ),
+)
+# A webhook row whose URL (its own, else the relay's WEBHOOK_URL, the parameter) answered 410 waits.
+ENDPOINT_ENABLED = (
+    "(channel = 'sms' OR NOT EXISTS (SELECT 1 FROM outbox_endpoints AS e "
+    "WHERE e.url = COALESCE(outbox.endpoint, {param}::text)))"
 )
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM outbox"
 RELEASED_STATE = "CASE channel WHEN 'sms' THEN 'ambiguous' ELSE 'pending' END"
@@ -84,6 +95,7 @@ WITH due AS (
     WHERE channel = ANY($1::text[])
       AND ((state IN ('pending', 'ambiguous') AND next_attempt_at <= $2)
            OR (state = 'sending' AND lease_expires_at <= $2))
+      AND {ENDPOINT_ENABLED.format(param="$6")}
     ORDER BY next_attempt_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
@@ -219,22 +231,34 @@ class PostgresStore(OutboxStore):
         return OutboxRow.from_db(record) if record is not None else None
 
     async def claim(
-        self, now: float, limit: int, channels: tuple[Channel, ...], owner: str, lease_until: float
+        self,
+        now: float,
+        limit: int,
+        channels: tuple[Channel, ...],
+        owner: str,
+        lease_until: float,
+        default_endpoint: str | None = None,
     ) -> list[OutboxRow]:
         async with self._connection() as conn:
-            records = await conn.fetch(CLAIM, list(channels), now, limit, owner, lease_until)
+            records = await conn.fetch(
+                CLAIM, list(channels), now, limit, owner, lease_until, default_endpoint
+            )
         rows = [OutboxRow.from_db(r) for r in records]
         return sorted(rows, key=lambda row: row.next_attempt_at or 0.0)
 
-    async def next_due_at(self, channels: tuple[Channel, ...]) -> float | None:
+    async def next_due_at(
+        self, channels: tuple[Channel, ...], default_endpoint: str | None = None
+    ) -> float | None:
+        enabled = ENDPOINT_ENABLED.format(param="$2")
         async with self._connection() as conn:
             due: float | None = await conn.fetchval(
                 "SELECT LEAST("
                 "(SELECT MIN(next_attempt_at) FROM outbox "
-                " WHERE state IN ('pending', 'ambiguous') AND channel = ANY($1::text[])), "
+                f" WHERE state IN ('pending', 'ambiguous') AND channel = ANY($1::text[]) AND {enabled}), "
                 "(SELECT MIN(lease_expires_at) FROM outbox "
-                " WHERE state = 'sending' AND channel = ANY($1::text[])))",
+                f" WHERE state = 'sending' AND channel = ANY($1::text[]) AND {enabled}))",
                 list(channels),
+                default_endpoint,
             )
         return due
 

@@ -4,14 +4,18 @@
   marks the row *ambiguous*, and the next attempt first lists the caller's recent messages for
   the row's reference ("Ref K7Q2"): found means sent, not found means send. A 429 is retried
   after its Retry-After; Twilio's refusals (21211, 21610, 21614...) are recorded, never retried.
-- Webhooks to WEBHOOK_URL, signed the Standard Webhooks way: `webhook-id` is the message id on
-  every attempt, `webhook-timestamp` and `webhook-signature` are fresh per attempt. A
+- SMS go from the row's store's number (TWILIO_FROM_NUMBER for the default store).
+- Webhooks to the row's store's call center (WEBHOOK_URL for the default store), signed with
+  that store's secret, looked up when sent (rows never hold one), the Standard Webhooks way:
+  `webhook-id` is the message id on every attempt, `webhook-timestamp` and `webhook-signature`
+  are fresh per attempt. A
   `products.sent` event waits for its SMS to settle so it can report the SMS status. Timeouts,
   connection errors, 3xx (never followed), 408, 429 and 5xx are retried on
   WEBHOOK_RETRY_SCHEDULE_S with jitter (Retry-After honoured when longer); other 4xx are
   recorded as permanent; an exhausted schedule dead-letters the row with an alert log. A 410
-  disables the URL for every relay sharing the outbox, with one alert log line, until an
-  operator runs `python -m bot outbox enable-webhooks`; its rows wait meanwhile.
+  disables that URL for every relay sharing the outbox, with one alert log line, until an
+  operator runs `python -m bot outbox enable-webhooks`; its rows wait meanwhile (other stores'
+  call centers go on receiving theirs).
 
 Any number of relays (processes, machines) may share one outbox. A relay leases the rows it
 claims for longer than its longest single request (TWILIO_TIMEOUT_S or WEBHOOK_TIMEOUT_S plus a
@@ -58,6 +62,7 @@ from bot.outbox.outbox import Outbox, open_outbox
 from bot.outbox.rows import Channel, DisabledEndpoint, OutboxRow, RowKey, State
 from bot.products import ProductsCollection
 from bot.settings import Settings
+from bot.stores import Stores
 from bot.tools import OutboxUnavailable, can_receive_sms
 from bot.twilio_rest import (
     TwilioAmbiguousError,
@@ -83,6 +88,7 @@ ENDPOINT_CHECK_S = 2.0
 PURGE_EVERY_S = 3600.0
 PURGE_BATCH_ROWS = 500
 SECONDS_PER_DAY = 86400.0
+CHANNELS: tuple[Channel, ...] = ("sms", "webhook")
 
 T = TypeVar("T")
 
@@ -143,11 +149,12 @@ class Claim:
 
 @dataclass(slots=True)
 class Relay:
-    """Relays due outbox rows: SMS through Twilio, webhooks to WEBHOOK_URL, at most N at a time.
+    """Relays due outbox rows: SMS through Twilio, webhooks to call centers, at most N at a time.
 
     `clock` (epoch seconds) and `sleep` are injectable so tests step through hours of retries
     without waiting; `relay_due()` runs one round, `start()` runs rounds whenever rows fall due,
-    are queued, or (polling) other processes may have queued some.
+    are queued, or (polling) other processes may have queued some. `stores` knows each store's
+    webhook secret; without it only the default store's (WEBHOOK_SECRET) is known.
     """
 
     outbox: Outbox
@@ -161,6 +168,7 @@ class Relay:
     owner: str = field(default_factory=relay_owner_id)
     db_retry_s: float = DB_RETRY_S
     endpoint_check_s: float = ENDPOINT_CHECK_S
+    stores: Stores | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _loop_task: asyncio.Task[None] | None = field(default=None, init=False)
     _inflight: dict[RowKey, asyncio.Task[None]] = field(default_factory=dict, init=False)
@@ -174,12 +182,9 @@ class Relay:
         """Longer than any single request the relay makes, so one in flight is never taken over."""
         return max(self.settings.twilio_timeout_s, self.settings.webhook_timeout_s) + LEASE_MARGIN_S
 
-    @property
-    def channels(self) -> tuple[Channel, ...]:
-        """Webhook rows wait while their endpoint is disabled (410) or webhooks are not configured."""
-        if self.settings.webhook_enabled and self.outbox.disabled_webhook is None:
-            return ("sms", "webhook")
-        return ("sms",)
+    async def next_due_at(self) -> float | None:
+        """When this relay next has a row to take (webhooks to a disabled URL wait, not counted)."""
+        return await self.outbox.next_due_at(CHANNELS, self.settings.webhook_url)
 
     async def start(self) -> None:
         self.outbox.add_listener(self._wake.set)
@@ -240,7 +245,7 @@ class Relay:
                 await self._maintain()
                 for claim in await self._claim(self.max_concurrent - len(self._inflight)):
                     self._spawn(claim)
-                next_at = await self.outbox.next_due_at(self.channels)
+                next_at = await self.next_due_at()
             except OutboxUnavailable as exc:
                 if self._outage is None:
                     log.error(
@@ -281,23 +286,24 @@ class Relay:
             await self.purge_settled()
 
     async def _check_endpoint(self) -> None:
-        """Learn whether WEBHOOK_URL was disabled (or re-enabled) by any relay or an operator."""
-        url = self.settings.webhook_url
-        if not self.settings.webhook_enabled or url is None:
-            return
+        """Learn which webhook URLs any relay or an operator disabled (or re-enabled)."""
         now = asyncio.get_running_loop().time()
         if now - self._endpoint_checked_at < self.endpoint_check_s:
             return
         self._endpoint_checked_at = now
-        found = next((d for d in await self.outbox.disabled_endpoints() if d.url == url), None)
-        if found is None and self.outbox.disabled_webhook is not None:
-            log.info("webhooks re-enabled: held events go out now")
-        self.outbox.disabled_webhook = found
+        disabled = await self.outbox.disabled_endpoints()
+        still = {endpoint.url for endpoint in disabled}
+        for endpoint in self.outbox.disabled_webhooks:
+            if endpoint.url not in still:
+                log.info("webhooks re-enabled: held events go out now", extra={"url": endpoint.url})
+        self.outbox.disabled_webhooks = disabled
 
     async def _claim(self, limit: int) -> list[Claim]:
         now = self.clock()
         lease_until = now + self.lease_s
-        rows = await self.outbox.claim(now, limit, self.channels, self.owner, lease_until)
+        rows = await self.outbox.claim(
+            now, limit, CHANNELS, self.owner, lease_until, self.settings.webhook_url
+        )
         claims = []
         for row in rows:
             if row.key in self._inflight:
@@ -368,7 +374,8 @@ class Relay:
 
     async def _relay_sms(self, claim: Claim, call_log: CallLog) -> None:
         row = claim.row
-        if self.twilio is None or not self.twilio.from_number:
+        sender = row.sender or (self.twilio.from_number if self.twilio is not None else None)
+        if self.twilio is None or not sender:
             await self._settle_sms(claim, call_log, "failed", [], None, "texting is not configured")
             return
         if not row.recipient or not can_receive_sms(row.recipient):
@@ -382,14 +389,16 @@ class Relay:
             await self._record(claim, body=parts_json(parts), result=sids)
         # "sending": taken over from a relay that died mid-attempt, so just as uncertain.
         if row.state in ("ambiguous", "sending"):
-            if not await self._look_up_sent(claim, call_log, parts, sids):
+            if not await self._look_up_sent(claim, call_log, parts, sids, sender):
                 return
         for n, part in enumerate(parts):
             if sids[n] is not None:
                 continue
             await self._hold(claim, self.settings.twilio_timeout_s)
             try:
-                sids[n] = await self._twilio(self.twilio.send_sms(row.recipient, part.body, part.media_urls))
+                sids[n] = await self._twilio(
+                    self.twilio.send_sms(row.recipient, part.body, part.media_urls, from_=sender)
+                )
             except TwilioRetryableError as exc:
                 await self._retry_sms(claim, call_log, "pending", str(exc), exc.retry_after_s, sids)
                 return
@@ -404,7 +413,7 @@ class Relay:
         await self._settle_sms(claim, call_log, "sent", sids, None, None)
 
     async def _look_up_sent(
-        self, claim: Claim, call_log: CallLog, parts: list[SmsPart], sids: list[str | None]
+        self, claim: Claim, call_log: CallLog, parts: list[SmsPart], sids: list[str | None], sender: str
     ) -> bool:
         """Fill in the SIDs of parts Twilio created after all; False when the attempt ends here."""
         row = claim.row
@@ -412,7 +421,7 @@ class Relay:
         since = datetime.fromtimestamp(row.created_at - SMS_LOOKUP_MARGIN_S, UTC)
         await self._hold(claim, self.settings.twilio_timeout_s)
         try:
-            recent = await self._twilio(self.twilio.recent_messages(row.recipient, since))
+            recent = await self._twilio(self.twilio.recent_messages(row.recipient, since, from_=sender))
         except TwilioPermanentError as exc:
             await self._settle_sms(
                 claim, call_log, "failed", sids, exc.code, f"lookup refused: {exc.message}"
@@ -504,11 +513,22 @@ class Relay:
 
     # -- webhooks
 
+    def _webhook_secret(self, store_id: str | None) -> str | None:
+        """The store's secret now (the default store's is WEBHOOK_SECRET)."""
+        if self.stores is not None:
+            return self.stores.webhook_secret(store_id)
+        return self.settings.webhook_secret if store_id is None else None
+
     async def _relay_webhook(self, claim: Claim, call_log: CallLog) -> None:
         row = claim.row
-        url, secret = self.settings.webhook_url, self.settings.webhook_secret
-        if not url or not secret or row.body is None:
-            raise RuntimeError("a webhook row was claimed without a body or a configured endpoint")
+        if row.body is None:
+            raise RuntimeError("a webhook row was claimed without a body")
+        url, secret = row.endpoint or self.settings.webhook_url, self._webhook_secret(row.store_id)
+        if not url or not secret:
+            store = f"store {row.store_id!r}" if row.store_id else "the default store"
+            why = f"{store} has no call center configured (its webhook URL or secret)"
+            await self._retry_webhook(claim, call_log, WebhookOutcome("retry", why))
+            return
         await self._hold(claim, self.settings.webhook_timeout_s)
         outcome = await self._post_webhook(url, webhook_key(secret), row.message_id, row.body)
         if outcome.verdict == "delivered":
@@ -535,7 +555,8 @@ class Relay:
         now = self.clock()
         reason = f"the webhook receiver answered 410 Gone at {iso_utc(now)}: webhooks are held"
         newly_disabled = await self.outbox.disable_endpoint(url, reason)
-        self.outbox.disabled_webhook = DisabledEndpoint(url, now, reason)
+        if all(endpoint.url != url for endpoint in self.outbox.disabled_webhooks):
+            self.outbox.disabled_webhooks.append(DisabledEndpoint(url, now, reason))
         await self._record(
             claim,
             state="pending",
@@ -548,7 +569,7 @@ class Relay:
             call_log.error(
                 "webhook endpoint answered 410 Gone: webhooks are held until an operator re-enables "
                 "them with `python -m bot outbox enable-webhooks`",
-                extra={"alert": True, "event": claim.row.kind},
+                extra={"alert": True, "event": claim.row.kind, "url": url},
             )
         else:
             call_log.info("webhook held: its endpoint is disabled", extra={"event": claim.row.kind})
@@ -619,11 +640,17 @@ async def _read_snippet(response: httpx.Response) -> str:
 
 @asynccontextmanager
 async def running_outbox(
-    settings: Settings, http: httpx.AsyncClient, *, twilio: TwilioRest | None = None
+    settings: Settings,
+    http: httpx.AsyncClient,
+    *,
+    twilio: TwilioRest | None = None,
+    stores: Stores | None = None,
 ) -> AsyncIterator[Outbox]:
     """Open the configured outbox and relay it until the block exits (the app's lifespan)."""
     outbox = await open_outbox(settings)
-    relay = Relay(outbox, settings, http, twilio or TwilioRest.from_settings(settings, http))
+    relay = Relay(
+        outbox, settings, http, twilio or TwilioRest.from_settings(settings, http), stores=stores
+    )
     await relay.start()
     try:
         yield outbox

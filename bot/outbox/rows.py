@@ -8,6 +8,11 @@
 `waiting` is a `products.sent` webhook held until its SMS settles, so it can report the SMS
 status. A `sending` row is leased: `lease_owner` is the relay working on it and nobody else
 touches it before `lease_expires_at`.
+
+A row names its store (`store_id`), the number its SMS goes from (`sender`) and the URL its
+webhook goes to (`endpoint`), so a store's messages reach only its own call center. None in any
+of them means the deployment's own setting, read at delivery: the default store,
+TWILIO_FROM_NUMBER, WEBHOOK_URL. No secret is ever stored: the relay asks for the store's.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ COLUMNS = (
     "result",
     "lease_owner",
     "lease_expires_at",
+    "store_id",
+    "sender",
+    "endpoint",
 )
 # What a relay may change on a row it holds (anything else is fixed at insert).
 UPDATABLE = frozenset({"body", "state", "attempts", "next_attempt_at", "last_error", "error_code", "result"})
@@ -77,6 +85,9 @@ class OutboxRow:
     result: list[str | None]
     lease_owner: str | None = None
     lease_expires_at: float | None = None
+    store_id: str | None = None
+    sender: str | None = None
+    endpoint: str | None = None
 
     @property
     def key(self) -> RowKey:
@@ -102,6 +113,9 @@ class OutboxRow:
             result=json.loads(record["result"]),
             lease_owner=record["lease_owner"],
             lease_expires_at=record["lease_expires_at"],
+            store_id=record["store_id"],
+            sender=record["sender"],
+            endpoint=record["endpoint"],
         )
 
 
@@ -119,6 +133,9 @@ class NewRow:
     state: State
     next_attempt_at: float | None
     created_at: float
+    store_id: str | None = None
+    sender: str | None = None
+    endpoint: str | None = None
 
     def values(self) -> tuple[Any, ...]:
         """In COLUMNS order."""
@@ -140,6 +157,9 @@ class NewRow:
             "[]",
             None,
             None,
+            self.store_id,
+            self.sender,
+            self.endpoint,
         )
 
 

@@ -64,6 +64,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE TABLE outbox_probe (data BLOB)",
     ),
+    (
+        # Stores: each row names its store, SMS sender and webhook URL (NULL: the settings').
+        "ALTER TABLE outbox ADD COLUMN store_id TEXT",
+        "ALTER TABLE outbox ADD COLUMN sender TEXT",
+        "ALTER TABLE outbox ADD COLUMN endpoint TEXT",
+    ),
+)
+# A webhook row whose URL (its own, else the relay's WEBHOOK_URL) answered 410 waits.
+ENDPOINT_ENABLED = (
+    "(channel = 'sms' OR NOT EXISTS (SELECT 1 FROM outbox_endpoints AS e "
+    "WHERE e.url = COALESCE(outbox.endpoint, ?)))"
 )
 RELEASED_STATE = "CASE channel WHEN 'sms' THEN 'ambiguous' ELSE 'pending' END"
 INTERRUPTED = "interrupted mid-attempt: look up before resending"
@@ -187,15 +198,21 @@ class SqliteStore(OutboxStore):
         return await self._run(read)
 
     async def claim(
-        self, now: float, limit: int, channels: tuple[Channel, ...], owner: str, lease_until: float
+        self,
+        now: float,
+        limit: int,
+        channels: tuple[Channel, ...],
+        owner: str,
+        lease_until: float,
+        default_endpoint: str | None = None,
     ) -> list[OutboxRow]:
         def work(conn: sqlite3.Connection) -> list[OutboxRow]:
             records = conn.execute(
                 f"{SELECT} WHERE channel IN ({placeholders(len(channels))}) AND ("
                 "(state IN ('pending', 'ambiguous') AND next_attempt_at <= ?) "
-                "OR (state = 'sending' AND lease_expires_at <= ?)) "
+                f"OR (state = 'sending' AND lease_expires_at <= ?)) AND {ENDPOINT_ENABLED} "
                 "ORDER BY next_attempt_at LIMIT ?",
-                (*channels, now, now, limit),
+                (*channels, now, now, default_endpoint, limit),
             ).fetchall()
             rows = [OutboxRow.from_db(r) for r in records]
             conn.executemany(
@@ -207,16 +224,18 @@ class SqliteStore(OutboxStore):
 
         return await self._run(self._transaction, work)
 
-    async def next_due_at(self, channels: tuple[Channel, ...]) -> float | None:
+    async def next_due_at(
+        self, channels: tuple[Channel, ...], default_endpoint: str | None = None
+    ) -> float | None:
         def read() -> float | None:
-            among = f"channel IN ({placeholders(len(channels))})"
+            among = f"channel IN ({placeholders(len(channels))}) AND {ENDPOINT_ENABLED}"
             record = (
                 self._db()
                 .execute(
                     "SELECT MIN(t) FROM (SELECT MIN(next_attempt_at) AS t FROM outbox "
                     f"WHERE state IN ('pending', 'ambiguous') AND {among} UNION ALL "
                     f"SELECT MIN(lease_expires_at) FROM outbox WHERE state = 'sending' AND {among})",
-                    (*channels, *channels),
+                    (*channels, default_endpoint, *channels, default_endpoint),
                 )
                 .fetchone()
             )

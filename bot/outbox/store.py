@@ -54,16 +54,26 @@ class OutboxStore(ABC):
 
     @abstractmethod
     async def claim(
-        self, now: float, limit: int, channels: tuple[Channel, ...], owner: str, lease_until: float
+        self,
+        now: float,
+        limit: int,
+        channels: tuple[Channel, ...],
+        owner: str,
+        lease_until: float,
+        default_endpoint: str | None = None,
     ) -> list[OutboxRow]:
         """Lease up to `limit` due rows (and `sending` rows whose lease expired) to `owner`.
 
-        Returns the rows as they were before the claim: a `sending` one was abandoned mid-attempt.
+        A webhook row whose URL is disabled (its `endpoint`, else `default_endpoint`) is left to
+        wait. Returns the rows as they were before the claim: a `sending` one was abandoned
+        mid-attempt.
         """
 
     @abstractmethod
-    async def next_due_at(self, channels: tuple[Channel, ...]) -> float | None:
-        """When the next row falls due or the next lease expires."""
+    async def next_due_at(
+        self, channels: tuple[Channel, ...], default_endpoint: str | None = None
+    ) -> float | None:
+        """When the next row `claim` would take falls due, or the next lease expires."""
 
     @abstractmethod
     async def renew(self, key: RowKey, owner: str, lease_until: float, now: float) -> bool:

@@ -11,7 +11,8 @@ const LINKS = [
   ["TechnicalSheet", "Technical sheet"],
 ];
 
-const service = RealtimeService.getInstance();
+// The store this page answers for: /?store=<id> (the ids of STORES_PATH); none: the default store.
+const service = RealtimeService.getInstance({ store: new URLSearchParams(location.search).get("store") });
 const $ = (id) => document.getElementById(id);
 const bubbles = new Map();
 let reconnecting = false;

@@ -51,6 +51,7 @@ export class RealtimeService {
 
   #sessionUrl;
   #toolsUrl;
+  #store;
   #callbacks = {};
   #audio;
   #ws = null;
@@ -80,9 +81,11 @@ export class RealtimeService {
     sessionUrl = new URL("../session", import.meta.url).href,
     toolsUrl = new URL("tools/", import.meta.url).href,
     workletUrl = new URL("audio-worklets.js", import.meta.url).href,
+    store = null,
   } = {}) {
     this.#sessionUrl = sessionUrl;
     this.#toolsUrl = toolsUrl;
+    this.#store = store;
     this.#audio = new AudioIO({ workletUrl, onProgress: (progress) => this.#onPlayback(progress) });
   }
 
@@ -234,7 +237,7 @@ export class RealtimeService {
   async #fetchSession() {
     let response;
     try {
-      response = await fetch(this.#sessionUrl, { cache: "no-store", credentials: "same-origin" });
+      response = await fetch(this.#forStore(this.#sessionUrl), { cache: "no-store", credentials: "same-origin" });
     } catch {
       throw new ConnectionError("The assistant's server did not answer. Check your connection.");
     }
@@ -387,12 +390,20 @@ export class RealtimeService {
 
   // --- tools ---------------------------------------------------------------------------------
 
+  /** The app's URL for this page's store (`?store=<id>`; none: the default store). */
+  #forStore(url) {
+    if (!this.#store) return url;
+    const withStore = new URL(url, location.href);
+    withStore.searchParams.set("store", this.#store);
+    return withStore.href;
+  }
+
   /** Runs a tool call through the app; always resolves with an output the model can read. */
   async #runTool(name, args) {
     let response;
     let body = null;
     try {
-      response = await fetch(this.#toolsUrl + encodeURIComponent(name), {
+      response = await fetch(this.#forStore(this.#toolsUrl + encodeURIComponent(name)), {
         method: "POST",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ arguments: args }),
