@@ -13,7 +13,8 @@ secrets, and close sessions.
 
 How a `response.create` (or the VAD's automatic response) picks what to say, per session:
 1. after a tool-call response, the pending turn's `say`, with `{field}` filled from the JSON
-   tool outputs received since;
+   tool outputs received since (a tool call's string arguments may likewise be a whole
+   `{path}` into them, such as `{products.0.sku}`, to act on what an earlier tool found);
 2. else, when a user item (audio commit or text) arrived since the last response, the next turn
    (or `fallback_say` once the turns run out); its tool calls go first, in a response of their own;
 3. else, before the caller has said anything, the greeting; otherwise `fallback_say`.
@@ -194,6 +195,30 @@ _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 def _fill(text: str, fields: Mapping[str, Any]) -> str:
     """Replaces `{name}` with the tool output's field; unknown names stay as written."""
     return _PLACEHOLDER.sub(lambda m: str(fields[m[1]]) if m[1] in fields else m[0], text)
+
+
+_PATH = re.compile(r"^\{([\w.]+)\}$")
+
+
+def _fill_arguments(value: Any, fields: Mapping[str, Any]) -> Any:
+    """Arguments with each string that is a whole `{path}` (`products.0.sku`) replaced by what the
+    tool outputs hold there; a path that leads nowhere stays as written."""
+    if isinstance(value, dict):
+        return {key: _fill_arguments(item, fields) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_fill_arguments(item, fields) for item in value]
+    found = _PATH.match(value) if isinstance(value, str) else None
+    if found is None:
+        return value
+    current: Any = fields
+    for step in found[1].split("."):
+        if isinstance(current, dict) and step in current:
+            current = current[step]
+        elif isinstance(current, list) and step.isdigit() and int(step) < len(current):
+            current = current[int(step)]
+        else:
+            return value
+    return current
 
 
 class _Script:
@@ -1078,6 +1103,9 @@ class _Connection:
         )
         self.user_spoke = False
         if plan.tool_calls:
+            fields = self.tool_fields
+            calls = plan.tool_calls
+            plan.tool_calls = [ToolCall(c.name, _fill_arguments(c.arguments, fields)) for c in calls]
             self.tool_fields = {}
         shell: Json = {
             "id": response.id,

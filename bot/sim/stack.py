@@ -113,14 +113,14 @@ class SimStack:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def dial(self, caller: str = CALLER, **options: Any) -> Dialing:
-        """A signed call from `caller` to the store, as Twilio places it."""
+    def dial(self, caller: str = CALLER, *, called: str = STORE_LINE, **options: Any) -> Dialing:
+        """A signed call from `caller` to `called` (a store's number), as Twilio places it."""
         dialing = dial(
             self.app_url,
             account_sid=self.twilio_api.account_sid,
             auth_token=self.twilio_api.auth_token,
             caller=caller,
-            called=STORE_LINE,
+            called=called,
             **options,
         )
         return _Registering(dialing, self.calls)
