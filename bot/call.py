@@ -695,6 +695,9 @@ class Call:
                 self._unacked += 1
             if not buf and item.audio_done:
                 self._queue.popleft()
+        queue = self._queue
+        while queue and queue[0].audio_done and not queue[0].buf:
+            queue.popleft()  # all sent, though the credit ran out on its last frame
         self._credit = credit
         if actions:
             self._last_forward_ms = now_ms

@@ -610,6 +610,15 @@ def test_end_call_hangs_up_after_the_goodbye_has_played() -> None:
     assert [a for a in echo(call, names, 60) if isinstance(a, HangUp)] == [HangUp("tool end_call")]
 
 
+def test_a_goodbye_whose_last_frame_spends_the_pacing_credit_still_hangs_up() -> None:
+    call = new_call()
+    names = marks(speak(call, "item_a", "resp_a", PACE_BURST_MS))
+    call.on_realtime(function_call("call_e", "end_call", "{}", "resp_a"), 1)
+    call.on_realtime(response_done("resp_a"), 2)
+    call.on_tool_result("call_e", ToolResult("{}", "end_call"), 3)
+    assert [a for a in echo(call, names, PACE_BURST_MS) if isinstance(a, HangUp)] == [HangUp("tool end_call")]
+
+
 def test_a_call_action_still_happens_when_twilio_never_echoes_the_marks() -> None:
     call = new_call()
     speak(call, "item_a", "resp_a", 60)
