@@ -237,6 +237,8 @@ class CallBridge:
             transfer_key=transfer_key,
             session_max_ms=int(self.settings.realtime_session_max_s * 1000),
             script=Script(agent.instructions, greeting_line(store), store.words.lines),
+            idle_prompt_ms=int(self.settings.idle_prompt_s * 1000),
+            idle_hang_up_ms=int(self.settings.idle_hangup_s * 1000),
         )
         self.end_reason = ""
         self.outcome: str | None = None
@@ -527,7 +529,7 @@ class CallBridge:
 
     async def _hang_up(self, action: HangUp) -> None:
         twilio = self.deps.twilio
-        self.outcome = "ended_by_bot"
+        self.outcome = self.call.outcome or "ended_by_bot"
         if twilio is None:
             self.log.info("no Twilio credentials: ending the call by closing the stream")
             self._finish("ended_by_bot")

@@ -10,6 +10,12 @@ pacing and tool round trips are tested as plain function calls.
 What the caller has heard is counted only from the marks Twilio echoes (never from the
 inbound clock); mark names carry a generation number so marks flushed by a `clear` are not
 counted against newer audio.
+
+Two silences are timed here too, on the same `now_ms`. A caller silent for the idle time while
+the bot is not speaking is asked once whether they are still there, then, silent on, told
+goodbye and hung up on. A tool that leaves the line silent for TOOL_WAIT_MS gets one short line
+said over it ("one moment"), as an out-of-band response: it is not added to the conversation,
+so the model cannot answer for the tool in it, and the tool's output still gets its own response.
 """
 
 from __future__ import annotations
@@ -45,6 +51,11 @@ INPUT_STALL_SILENCE_MS = 1000
 MARK_GRACE_MS = 2000
 # After the caller stops, the server VAD starts its own response; ours would collide with it.
 RESPONSE_HOLD_MS = 1500
+# Silence a running tool may leave on the line before the caller hears a short "one moment".
+TOOL_WAIT_MS = 1000
+# Tags the out-of-band "one moment" response, so its response.created is known for what it is.
+TOOL_WAIT_METADATA = {"purpose": "tool_wait"}
+IDLE_HANG_UP_REASON = "the caller stayed silent"
 ROTATION_RETRY_MS = 500
 MAX_RESTORED_ENTRIES = 40
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
@@ -134,9 +145,10 @@ Action = ToTwilio | ToRealtime | RunTool | Transfer | HangUp | RotateSession | R
 
 @dataclass(slots=True)
 class TranscriptEntry:
-    """One turn: what the caller said, what the caller heard the bot say, or a tool call."""
+    """One turn: what the caller said, what the caller heard the bot say, a tool call, or an
+    event of the call (`text` names it: `idle_prompt`, `idle_hang_up`)."""
 
-    role: Literal["user", "assistant", "tool"]
+    role: Literal["user", "assistant", "tool", "event"]
     text: str
     at_ms: int
     interrupted: bool = False
@@ -200,7 +212,9 @@ class _ToolCall:
     response_id: str
     entry: TranscriptEntry
     session: int
+    started_ms: int
     answered: bool = False
+    waited_out: bool = False  # the caller has heard a "one moment" for it
 
 
 @dataclass(slots=True)
@@ -228,11 +242,19 @@ class Call:
         transfer_key: str | None = "0",
         session_max_ms: int = 55 * 60 * 1000,
         script: Script = Script(),
+        idle_prompt_ms: int = 0,
+        idle_hang_up_ms: int = 10_000,
     ) -> None:
-        """`pcm16` transcodes both ways; `pcmu` passes Twilio's mu-law through untouched."""
+        """`pcm16` transcodes both ways; `pcmu` passes Twilio's mu-law through untouched.
+
+        `idle_prompt_ms`: caller silence before "are you still there?" (0: never);
+        `idle_hang_up_ms`: further silence before the goodbye and hang-up.
+        """
         self.call_sid = call_sid
         self._script = script
         self._lines = script.lines
+        self._idle_prompt_ms = idle_prompt_ms
+        self._idle_hang_up_ms = idle_hang_up_ms
         self.out = Outbound(stream_sid)
         self.started_ms = now_ms
         transcode = audio_format == "pcm16"
@@ -247,7 +269,9 @@ class Call:
         self.interruptions = 0
         self.gap_fill_ms = 0
         self.sessions = 0
-        self.outcome: Literal["transferred", "ended_by_bot"] | None = None
+        self.idle_prompts = 0
+        self.tool_wait_lines = 0
+        self.outcome: Literal["transferred", "ended_by_bot", "caller_idle"] | None = None
 
         # down-link
         self._gen = 0
@@ -276,6 +300,11 @@ class Call:
         self._followups: dict[str, bool] = {}
         self._pending: _PendingAction | None = None
         self._ended = False
+        self._asides: set[str] = set()  # out-of-band responses: not in the conversation
+
+        # silences
+        self._quiet_since = now_ms
+        self._idle_prompted = False
 
         # up-link
         self._next_input_ts: int | None = None
@@ -367,6 +396,7 @@ class Call:
     def _on_dtmf(self, digit: str, now_ms: int) -> list[Action]:
         if digit not in DTMF_DIGITS:
             return [Note("dtmf_invalid_digit_ignored")]
+        self._heard_from_caller(now_ms)
         if digit != self._transfer_key or self._pending is not None or self._ended:
             return []
         actions: list[Action] = [Note("dtmf_transfer_requested", {"digit": digit})]
@@ -420,6 +450,7 @@ class Call:
 
     def _on_speech_started(self, event: dict[str, Any], now_ms: int) -> list[Action]:
         self._user_speaking = True
+        self._heard_from_caller(now_ms)
         item_id = event.get("item_id")
         if isinstance(item_id, str):
             self._user_turn_at[item_id] = now_ms
@@ -444,6 +475,7 @@ class Call:
 
     def _on_speech_stopped(self, event: dict[str, Any], now_ms: int) -> list[Action]:
         self._user_speaking = False
+        self._quiet_since = now_ms
         self._speech_stopped_ms = now_ms
         self._awaiting_reply = True
         self._hold_until = now_ms + RESPONSE_HOLD_MS
@@ -456,8 +488,13 @@ class Call:
         self._stats[response_id] = stats
         self._active = stats
         self._requested = False
-        self._awaiting_reply = False
         self._hold_until = now_ms
+        self._quiet_since = now_ms
+        if response.get("metadata") == TOOL_WAIT_METADATA:
+            # Out of band: it answers nothing, and leaves the conversation as it was.
+            self._asides.add(response_id)
+            return []
+        self._awaiting_reply = False
         # This response already sees every tool output sent so far: no follow-up needed.
         for origin in [r for r in self._followups if self._answered(r)]:
             del self._followups[origin]
@@ -472,6 +509,7 @@ class Call:
         self.responses.append(stats)
         if self._active is not None and self._active.response_id == response_id:
             self._active = None
+        self._quiet_since = now_ms
         self._discarded.discard(response_id)
         if response_id in self._followups:
             self._followups[response_id] = True
@@ -505,7 +543,7 @@ class Call:
         response_id = str(event.get("response_id", ""))
         entry = TranscriptEntry("tool", "", now_ms, tool_name=name, call_id=call_id, arguments=arguments)
         self.transcript.append(entry)
-        self._tools[call_id] = _ToolCall(response_id, entry, self.sessions)
+        self._tools[call_id] = _ToolCall(response_id, entry, self.sessions, now_ms)
         self._unanswered += 1
         self._followups.setdefault(response_id, False)
         return [RunTool(call_id, name, arguments)]
@@ -517,6 +555,7 @@ class Call:
             return []
         tool.answered = True
         self._unanswered -= 1
+        self._quiet_since = max(self._quiet_since, now_ms)
         tool.entry.text = result.output
         actions: list[Action] = []
         if self._session_live:
@@ -554,6 +593,7 @@ class Call:
     def session_opened(self, now_ms: int) -> list[Action]:
         """A Realtime session is configured: greet, or restore the conversation into it."""
         self._session_live = True
+        self._quiet_since = now_ms
         self._rotate_at_ms = now_ms + self._session_max_ms
         first = self.sessions == 0
         self.sessions += 1
@@ -587,7 +627,7 @@ class Call:
         self._active = None
         self._stats.clear()
         self._requested = False
-        if self._want is not None and self._want.get("response") is None:
+        if self._want is not None and (self._want.get("response") is None or _is_aside(self._want)):
             self._want = None
         self._followups.clear()
         self._user_speaking = False
@@ -639,6 +679,12 @@ class Call:
                 self._next_input_ts += INPUT_STALL_SILENCE_MS
             self.gap_fill_ms += INPUT_STALL_SILENCE_MS
             actions.append(self._silence(INPUT_STALL_SILENCE_MS))
+        due = self._after_marks(self._tool_wait_due())
+        if due is not None and now_ms >= due:
+            actions += self._say_one_moment()
+        due = self._after_marks(self._idle_due())
+        if due is not None and now_ms >= due:
+            actions += self._on_idle(now_ms)
         actions += self._settle(now_ms)
         if self._rotation_due(now_ms):
             self._rotating = True
@@ -663,7 +709,88 @@ class Call:
             candidates.append(max(self._rotate_at_ms, self._last_tick_ms + ROTATION_RETRY_MS))
         if (self._want is not None or self._followups) and self._hold_until > self._last_tick_ms:
             candidates.append(self._hold_until)
+        for due in (self._after_marks(self._tool_wait_due()), self._after_marks(self._idle_due())):
+            if due is not None:
+                candidates.append(due)
         return min(candidates) if candidates else None
+
+    # --- silences ---------------------------------------------------------------------
+
+    def _heard_from_caller(self, now_ms: int) -> None:
+        self._quiet_since = now_ms
+        self._idle_prompted = False
+
+    def _line_is_quiet(self) -> bool:
+        """Nobody speaks and nothing is about to be said: what both silence timers wait for."""
+        return (
+            self._session_live
+            and not self._ended
+            and not self._user_speaking
+            and self._active is None
+            and not self._requested
+            and self._want is None
+            and self._pending is None
+            and not self._queue
+        )
+
+    def _after_marks(self, due: int | None) -> int | None:
+        """`due`, or later while marks are unechoed (up to their grace): the bot's words must
+        have been heard; an echo moves it back."""
+        if due is None or not self._unacked:
+            return due
+        return max(due, self._playout_end + MARK_GRACE_MS)
+
+    def _waiting_tools(self) -> list[_ToolCall]:
+        if self._unanswered == 0:
+            return []
+        return [
+            tool
+            for tool in self._tools.values()
+            if not tool.answered and not tool.waited_out and tool.session == self.sessions
+        ]
+
+    def _tool_wait_due(self) -> int | None:
+        """When a running tool has left the line silent for TOOL_WAIT_MS."""
+        if self._unanswered == 0 or not self._line_is_quiet():
+            return None
+        waiting = self._waiting_tools()
+        if not waiting:
+            return None
+        return max(min(tool.started_ms for tool in waiting), self._playout_end) + TOOL_WAIT_MS
+
+    def _say_one_moment(self) -> list[Action]:
+        """One short line over the tools still running (never a second for the same tool), out of
+        band: the model cannot answer for a tool in it, and the conversation does not keep it."""
+        waiting = self._waiting_tools()
+        for tool in waiting:
+            tool.waited_out = True
+        self.tool_wait_lines += 1
+        line = self._script.line(self._lines.one_moment.format(words=self._lines.one_moment_words))
+        line["response"].update(conversation="none", tool_choice="none", metadata=TOOL_WAIT_METADATA)
+        self._want = line
+        return [Note("tool_wait_line", {"tools": [tool.entry.tool_name for tool in waiting]})]
+
+    def _idle_due(self) -> int | None:
+        """When the caller's silence (the bot silent too, nothing pending) calls for the next step."""
+        if not self._idle_prompt_ms or self._unanswered or self._followups or not self._line_is_quiet():
+            return None
+        wait_ms = self._idle_hang_up_ms if self._idle_prompted else self._idle_prompt_ms
+        return max(self._quiet_since, self._playout_end) + wait_ms
+
+    def _on_idle(self, now_ms: int) -> list[Action]:
+        """First ask whether the caller is still there; when they stay silent, say goodbye and hang up."""
+        self._quiet_since = now_ms
+        silent_ms = now_ms - max(self._playout_end, self.started_ms)
+        if not self._idle_prompted:
+            self._idle_prompted = True
+            self.idle_prompts += 1
+            self.transcript.append(TranscriptEntry("event", "idle_prompt", now_ms))
+            self._want = self._script.line(self._lines.still_there)
+            return [Note("caller_idle_prompted", {"silent_ms": silent_ms})]
+        self.transcript.append(TranscriptEntry("event", "idle_hang_up", now_ms))
+        self._pending = _PendingAction("end_call", IDLE_HANG_UP_REASON, True)
+        self._want = self._script.line(self._lines.idle_goodbye)
+        return [Note("caller_idle_hanging_up", {"silent_ms": silent_ms})]
 
     # --- down-link internals ----------------------------------------------------------
 
@@ -737,7 +864,9 @@ class Call:
             received_ms = item.received_bytes // self._model_bytes_per_ms
             heard_ms = min(self._heard_now(item, now_ms), received_ms)
             heard_report[item.item_id] = heard_ms
-            if truncate and heard_ms <= 0:
+            if item.response_id in self._asides:
+                pass  # out of band: not in the conversation, nothing there to cut
+            elif truncate and heard_ms <= 0:
                 event: dict[str, Any] = {"type": "conversation.item.delete", "item_id": item.item_id}
                 actions.append(ToRealtime(json.dumps(event)))
             elif truncate:
@@ -813,7 +942,7 @@ class Call:
                 self.outcome = "transferred"
                 actions.append(Transfer(pending.reason))
             else:
-                self.outcome = "ended_by_bot"
+                self.outcome = "caller_idle" if pending.reason == IDLE_HANG_UP_REASON else "ended_by_bot"
                 actions.append(HangUp(pending.reason))
         return actions
 
@@ -860,6 +989,8 @@ class Call:
             "responses": [stats.as_dict() for stats in self.responses],
             "usage": totals,
             "interruptions": self.interruptions,
+            "idle_prompts": self.idle_prompts,
+            "tool_wait_lines": self.tool_wait_lines,
             "gap_fill_ms": self.gap_fill_ms,
             "realtime_sessions": self.sessions,
         }
@@ -875,6 +1006,11 @@ def _append_text(audio_b64: str) -> str:
 
 def _message(role: Literal["user", "assistant"], kind: str, text: str) -> dict[str, Any]:
     return {"type": "message", "role": role, "content": [{"type": kind, "text": text}]}
+
+
+def _is_aside(want: dict[str, Any]) -> bool:
+    """An out-of-band response (its words are not added to the conversation)."""
+    return bool(want.get("response", {}).get("conversation") == "none")
 
 
 def _system_item(text: str) -> str:

@@ -122,6 +122,9 @@ class Settings(BaseModel):
     outbox_retention_days: float = Field(30, alias="OUTBOX_RETENTION_DAYS", gt=0)
     web_concurrency: int = Field(1, alias="WEB_CONCURRENCY", ge=1, le=256)
 
+    # 0 turns the idle prompt (and with it the idle hang-up) off.
+    idle_prompt_s: float = Field(10.0, alias="IDLE_PROMPT_S", ge=0, le=600)
+    idle_hangup_s: float = Field(10.0, alias="IDLE_HANGUP_S", gt=0, le=600)
     realtime_reconnect_timeout_s: float = Field(10.0, alias="REALTIME_RECONNECT_TIMEOUT_S", gt=0)
     realtime_session_max_s: float = Field(55 * 60, alias="REALTIME_SESSION_MAX_S", gt=60)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="LOG_LEVEL")

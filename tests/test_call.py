@@ -891,3 +891,170 @@ def test_a_bad_audio_delta_is_reported_not_raised() -> None:
 )
 def test_events_the_call_does_not_need_are_ignored(kind: str) -> None:
     assert new_call().on_realtime({"type": kind}, 0) == []
+
+
+# --- a silent caller ------------------------------------------------------------------
+
+
+def idle_call() -> Call:
+    return new_call(idle_prompt_ms=10_000, idle_hang_up_ms=8_000)
+
+
+def advance(call: Call, until_ms: int) -> list[Action]:
+    """Ticks at each deadline up to `until_ms`, as the bridge's pacer does (and never spins)."""
+    actions: list[Action] = []
+    for _ in range(100):
+        due = call.next_deadline()
+        if due is None or due > until_ms:
+            return actions
+        actions += call.tick(due)
+    raise AssertionError(f"the call keeps asking for a tick at {call.next_deadline()}")
+
+
+def speak_and_play(call: Call, item_id: str, response_id: str, now_ms: int) -> list[Action]:
+    """A 200 ms response (one burst) whose marks all come back as it finishes playing."""
+    names = marks(speak(call, item_id, response_id, 200, now_ms))
+    actions = call.on_realtime(response_done(response_id), now_ms)
+    return actions + echo(call, names, now_ms + 200)
+
+
+def test_a_silent_caller_is_asked_once_whether_they_are_still_there() -> None:
+    call = idle_call()
+    assert call.next_deadline() == 10_000
+    assert realtime_events(call.tick(9_999)) == []
+    actions = call.tick(10_000)
+    [ask] = of_type(realtime_events(actions), "response.create")
+    assert en.LINES.still_there in ask["response"]["instructions"]
+    assert any(isinstance(a, Note) and a.event == "caller_idle_prompted" for a in actions)
+    assert call.record(10_000)["idle_prompts"] == 1
+    assert [(e["role"], e["text"]) for e in call.record(10_000)["transcript"]] == [("event", "idle_prompt")]
+
+
+def test_the_silence_counts_from_the_end_of_the_bots_words() -> None:
+    call = idle_call()
+    speak_and_play(call, "item_a", "resp_a", 3_000)
+    assert call.next_deadline() == 3_200 + 10_000
+
+
+def test_a_caller_silent_after_the_question_hears_goodbye_then_the_call_is_hung_up() -> None:
+    call = idle_call()
+    call.tick(10_000)
+    speak_and_play(call, "item_ask", "resp_ask", 10_001)
+    assert call.next_deadline() == 10_201 + 8_000
+    actions = call.tick(18_201)
+    [goodbye] = of_type(realtime_events(actions), "response.create")
+    assert en.LINES.idle_goodbye in goodbye["response"]["instructions"]
+    assert not any(isinstance(a, HangUp) for a in actions), "not before the goodbye is heard"
+    hang_up = [a for a in speak_and_play(call, "item_bye", "resp_bye", 18_300) if isinstance(a, HangUp)]
+    assert hang_up == [HangUp("the caller stayed silent")]
+    record = call.record(20_000)
+    assert record["outcome"] == "caller_idle" and record["idle_prompts"] == 1
+    events = [e["text"] for e in record["transcript"] if e["role"] == "event"]
+    assert events == ["idle_prompt", "idle_hang_up"]
+
+
+def test_a_caller_who_answers_the_question_carries_on_and_a_later_silence_is_asked_about_again() -> None:
+    call = idle_call()
+    call.tick(10_000)
+    speak_and_play(call, "item_ask", "resp_ask", 10_001)
+    call.on_realtime(speech_started("item_yes"), 12_000)
+    call.on_realtime(speech_stopped("item_yes"), 12_600)
+    speak_and_play(call, "item_a", "resp_a", 13_000)
+    assert call.next_deadline() == 13_200 + 10_000, "a question again, not the goodbye"
+    [ask] = of_type(realtime_events(call.tick(23_200)), "response.create")
+    assert en.LINES.still_there in ask["response"]["instructions"]
+
+
+def test_no_idle_question_while_the_caller_speaks_or_a_tool_runs() -> None:
+    speaking = idle_call()
+    speaking.on_realtime(speech_started(), 100)
+    assert realtime_events(advance(speaking, 60_000)) == [], "a caller talking for a minute is not idle"
+    waiting = idle_call()
+    waiting.on_realtime(response_created("resp_a"), 0)
+    waiting.on_realtime(function_call("call_1", "send_product_details", "{}", "resp_a"), 0)
+    waiting.on_realtime(response_done("resp_a"), 0)
+    advance(waiting, 1_000)  # the tool's one-moment line
+    waiting.on_realtime(aside_created("resp_wait"), 1_000)
+    waiting.on_realtime(response_done("resp_wait"), 1_000)
+    assert realtime_events(advance(waiting, 60_000)) == [], "a tool running for a minute is not idleness"
+
+
+def test_idle_questions_are_off_at_zero() -> None:
+    call = new_call(idle_prompt_ms=0)
+    assert realtime_events(call.tick(3_000_000)) == []
+
+
+# --- a slow tool ----------------------------------------------------------------------
+
+
+def call_with_a_running_tool(now_ms: int = 100) -> Call:
+    call = new_call()
+    call.on_realtime(response_created("resp_a"), now_ms)
+    call.on_realtime(function_call("call_1", "send_product_details", '{"skus":["A"]}', "resp_a"), now_ms)
+    call.on_realtime(response_done("resp_a"), now_ms + 20)
+    return call
+
+
+def aside_created(response_id: str) -> dict[str, Any]:
+    event = response_created(response_id)
+    event["response"].update(metadata={"purpose": "tool_wait"}, conversation_id=None)
+    return event
+
+
+def test_a_tool_silent_for_a_second_gets_one_line_said_out_of_band() -> None:
+    call = call_with_a_running_tool()
+    assert realtime_events(advance(call, 1_099)) == []
+    assert call.next_deadline() == 1_100
+    actions = advance(call, 1_100)
+    [line] = of_type(realtime_events(actions), "response.create")
+    response = line["response"]
+    assert (response["conversation"], response["tool_choice"]) == ("none", "none")
+    assert response["metadata"] == {"purpose": "tool_wait"}
+    assert f'"{en.LINES.one_moment_words}"' in response["instructions"]
+    assert any(isinstance(a, Note) and a.event == "tool_wait_line" for a in actions)
+    call.on_realtime(aside_created("resp_wait"), 1_150)
+    speak_and_play(call, "item_wait", "resp_wait", 1_150)
+    assert realtime_events(advance(call, 10_000)) == [], "never a second line for the same tool"
+    assert call.record(10_000)["tool_wait_lines"] == 1
+
+
+def test_a_tool_that_answers_within_the_second_gets_no_line() -> None:
+    call = call_with_a_running_tool()
+    actions = call.on_tool_result("call_1", ToolResult("{}"), 900)
+    [answer] = of_type(realtime_events(actions), "response.create")
+    assert "response" not in answer, "the follow-up is a plain response in the conversation"
+    call.on_realtime(response_created("resp_b"), 950)
+    call.on_realtime(response_done("resp_b"), 960)
+    assert realtime_events(advance(call, 5_000)) == []
+    assert call.record(2_000)["tool_wait_lines"] == 0
+
+
+def test_the_tools_output_still_gets_its_own_response_once_the_line_is_done() -> None:
+    call = call_with_a_running_tool()
+    advance(call, 1_100)
+    call.on_realtime(aside_created("resp_wait"), 1_110)
+    events = realtime_events(call.on_tool_result("call_1", ToolResult('{"sent":true}'), 1_200))
+    assert [e["type"] for e in events] == ["conversation.item.create"], "not while the line is said"
+    events = realtime_events(call.on_realtime(response_done("resp_wait"), 1_300))
+    [follow_up] = of_type(events, "response.create")
+    assert "response" not in follow_up
+
+
+def test_the_line_waits_for_the_bots_own_words_to_end() -> None:
+    call = new_call()
+    names = marks(speak(call, "item_a", "resp_a", 200, 0))
+    call.on_realtime(function_call("call_1", "send_product_details", "{}", "resp_a"), 10)
+    call.on_realtime(response_done("resp_a"), 20)
+    echo(call, names, 200)
+    assert call.next_deadline() == 200 + 1_000
+
+
+def test_barge_in_over_the_line_stops_it_without_touching_the_conversation() -> None:
+    call = call_with_a_running_tool()
+    advance(call, 1_100)
+    call.on_realtime(aside_created("resp_wait"), 1_110)
+    call.on_realtime(delta("item_wait", "resp_wait", 200), 1_110)
+    actions = call.on_realtime(speech_started(), 1_150)
+    assert of_type(twilio_frames(actions), "clear")
+    events = realtime_events(actions)
+    assert of_type(events, "conversation.item.truncate") == of_type(events, "conversation.item.delete") == []

@@ -480,6 +480,24 @@ class PhoneCall:
     def received_audio_ms(self) -> float:
         return self._received_bytes / BYTES_PER_MS
 
+    @property
+    def dialled_at(self) -> float:
+        """When the call was placed, on the monotonic clock (event times count from it)."""
+        return self._t0
+
+    def utterances(self, gap_ms: int = 300) -> list[tuple[float, float]]:
+        """The bot's speech as the caller heard it: (start, end) in seconds since dial, one span
+        per stretch of audio with no gap longer than `gap_ms` (cleared audio not included)."""
+        spans: list[tuple[int, int]] = []
+        gap = gap_ms * BYTES_PER_MS
+        for start, audio in self._played:
+            end = start + len(audio)
+            if spans and start - spans[-1][1] <= gap:
+                spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+            elif audio:
+                spans.append((start, end))
+        return [(start / TWILIO_RATE_HZ, end / TWILIO_RATE_HZ) for start, end in spans]
+
     def first_audio_latencies(self) -> list[float | None]:
         """Seconds from the end of each utterance to the first bot audio after it (None: none)."""
         return [turn.latency_s for turn in self.turns]

@@ -12,6 +12,9 @@ which tools it calls come from a `Scenario`: an ordered list of turns. Fault swi
 secrets, and close sessions.
 
 How a `response.create` (or the VAD's automatic response) picks what to say, per session:
+0. an out-of-band response (`conversation: "none"`) leaves the script and the conversation as
+   they are: it says the last double-quoted words of its instructions (the bot's "one
+   moment" line quotes what to say), and its items are never added to the conversation;
 1. after a tool-call response, the pending turn's `say`, with `{field}` filled from the JSON
    tool outputs received since (a tool call's string arguments may likewise be a whole
    `{path}` into them, such as `{products.0.sku}`, to act on what an earlier tool found);
@@ -195,6 +198,15 @@ _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 def _fill(text: str, fields: Mapping[str, Any]) -> str:
     """Replaces `{name}` with the tool output's field; unknown names stay as written."""
     return _PLACEHOLDER.sub(lambda m: str(fields[m[1]]) if m[1] in fields else m[0], text)
+
+
+_QUOTED = re.compile(r'"([^"]+)"')
+
+
+def _quoted_words(instructions: object, otherwise: str) -> str:
+    """The last double-quoted words of an out-of-band response's instructions."""
+    found = _QUOTED.findall(instructions) if isinstance(instructions, str) else []
+    return found[-1] if found else otherwise
 
 
 _PATH = re.compile(r"^\{([\w.]+)\}$")
@@ -670,6 +682,7 @@ class _Response:
     cancel_reason: str | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     output: list[Json] = field(default_factory=list)
+    out_of_band: bool = False
 
 
 @dataclass(slots=True)
@@ -681,7 +694,8 @@ class SimSession:
     `input_audio` keeps the decoded PCM16 only when the simulator's `record_input_audio` is on.
     `transcript` is (role, text) in order: "user" (the scenario's `hears`, or a placeholder) and
     "assistant" (what was spoken, cut short when cancelled). `client_secret` is the ephemeral
-    secret the session was opened with (None for the API key).
+    secret the session was opened with (None for the API key). `turns_ended_at` holds when each
+    `speech_stopped` went out (monotonic seconds), the moment the caller's turn was over.
     """
 
     events_received: list[Json] = field(default_factory=list)
@@ -695,6 +709,7 @@ class SimSession:
     beta_header: bool = False
     client_secret: str | None = None
     input_audio: bytearray = field(default_factory=bytearray)
+    turns_ended_at: list[float] = field(default_factory=list)
 
 
 class _Connection:
@@ -885,6 +900,7 @@ class _Connection:
     async def _speech_stopped(self, ms: int) -> None:
         item_id = self.speech_item_id or _new_id("item")
         await self.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": ms, "item_id": item_id})
+        self.record.turns_ended_at.append(time.monotonic())
         seconds = (ms - self.vad.buffer_start_ms) / 1000
         await self._commit(item_id, seconds)
         detection = self.record.session["audio"]["input"]["turn_detection"]
@@ -1080,7 +1096,7 @@ class _Connection:
             await active.task
 
     def _start_response(self, params: Json | None) -> None:
-        response = _Response(_new_id("resp"))
+        response = _Response(_new_id("resp"), out_of_band=(params or {}).get("conversation") == "none")
         self.active = response
         response.task = asyncio.create_task(self._run_response(response, params or {}))
         response.task.add_done_callback(_settle_response_task)
@@ -1098,10 +1114,13 @@ class _Connection:
         output = (params.get("audio") or {}).get("output") or {}
         fmt = output.get("format") or session["audio"]["output"]["format"]
         voice = output.get("voice") or session["audio"]["output"]["voice"]
-        plan = self.script.plan(
-            user_spoke=self.user_spoke, fields=self.tool_fields, tools=self._tools(params)
-        )
-        self.user_spoke = False
+        if response.out_of_band:
+            plan = _Plan(_quoted_words(params.get("instructions"), self.sim.scenario.fallback_say), [], None)
+        else:
+            plan = self.script.plan(
+                user_spoke=self.user_spoke, fields=self.tool_fields, tools=self._tools(params)
+            )
+            self.user_spoke = False
         if plan.tool_calls:
             fields = self.tool_fields
             calls = plan.tool_calls
@@ -1113,7 +1132,9 @@ class _Connection:
             "status": "in_progress",
             "status_details": None,
             "output": [],
-            "conversation_id": "conv_" + self.record.session["id"].removeprefix("sess_"),
+            "conversation_id": None
+            if response.out_of_band
+            else "conv_" + self.record.session["id"].removeprefix("sess_"),
             "output_modalities": modalities,
             "max_output_tokens": params.get("max_output_tokens", session["max_output_tokens"]),
             "audio": {"output": {"format": fmt, "voice": voice}},
@@ -1176,10 +1197,12 @@ class _Connection:
                 "item": item,
             }
         )
-        await self.send({"type": "conversation.item.done", "item": item, "previous_item_id": previous})
+        if not response.out_of_band:
+            await self.send({"type": "conversation.item.done", "item": item, "previous_item_id": previous})
 
     async def _add_output_item(self, response: _Response, index: int, item: Json) -> str | None:
-        """Announces a new output item to the response and the conversation; returns the item before it."""
+        """Announces a new output item to the response and the conversation (unless the response is
+        out of band); returns the item before it."""
         previous = self.order[-1] if self.order else None
         await self.send(
             {
@@ -1189,6 +1212,8 @@ class _Connection:
                 "item": dict(item),
             }
         )
+        if response.out_of_band:
+            return None
         self.order.append(item["id"])
         self.items[item["id"]] = item
         await self.send({"type": "conversation.item.added", "item": dict(item), "previous_item_id": previous})
