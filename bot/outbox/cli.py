@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from bot.catalog import CatalogError
 from bot.cli import CommandParser
 from bot.logs import configure_logging, mask_phone
 from bot.outbox.messages import iso_utc
@@ -20,6 +21,7 @@ from bot.outbox.rows import OPEN_STATES, DisabledEndpoint, OutboxRow
 from bot.outbox.sqlite import SqliteStore
 from bot.outbox.store import OutboxStore
 from bot.settings import Settings, SettingsError, load_settings
+from bot.stores import DEFAULT_STORE_ID, Stores, StoresError
 from bot.tools import OutboxUnavailable
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -31,7 +33,7 @@ DESCRIPTION = (
 
 def format_rows(rows: Sequence[OutboxRow]) -> str:
     """An operator's table: one line per delivery, phone numbers masked."""
-    header = ("id", "kind", "channel", "to", "state", "tries", "next attempt (UTC)", "last error")
+    header = ("id", "kind", "store", "channel", "to", "state", "tries", "next attempt (UTC)", "last error")
     lines = [header]
     for row in rows:
         if row.state == "sending" and row.lease_expires_at is not None:
@@ -42,6 +44,7 @@ def format_rows(rows: Sequence[OutboxRow]) -> str:
             (
                 row.message_id,
                 row.kind,
+                row.store_id or DEFAULT_STORE_ID,
                 row.channel,
                 mask_phone(row.recipient) if row.recipient else "-",
                 row.state,
@@ -104,23 +107,43 @@ async def enable_webhooks(outbox: Outbox, url: str | None) -> int:
 
 
 def relay_only(settings: Settings) -> int:
-    """Relay deliveries without serving calls, until SIGINT or SIGTERM."""
+    """Relay deliveries without serving calls, until SIGINT or SIGTERM.
 
-    async def relay() -> None:
+    The stores are loaded (and watched) as `serve` does: the relay signs each store's webhooks
+    with that store's secret.
+    """
+
+    async def relay(stores: Stores) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        async with httpx.AsyncClient(follow_redirects=False) as http, running_outbox(settings, http):
-            await stop.wait()
+        watcher = asyncio.create_task(stores.watch(), name="stores-watch")
+        try:
+            async with (
+                httpx.AsyncClient(follow_redirects=False) as http,
+                running_outbox(settings, http, stores=stores),
+            ):
+                await stop.wait()
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
 
     configure_logging(settings.log_level, settings.log_format)
     try:
+        stores = Stores.load(settings)
+    except CatalogError as exc:
+        print(f"CATALOG_PATH: {exc}", file=sys.stderr)
+        return 2
+    except StoresError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
         import uvloop  # the loop serve runs on (uvicorn picks it); not on every platform
     except ImportError:
-        asyncio.run(relay())
+        asyncio.run(relay(stores))
     else:
-        uvloop.run(relay())
+        uvloop.run(relay(stores))
     return 0
 
 
