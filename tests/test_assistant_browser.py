@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from store_files import write_garden_catalog, write_stores
 
 from bot.app import create_app
 from bot.catalog import Catalog
@@ -62,6 +63,13 @@ class Assistant:
 
 @pytest.fixture
 async def assistant() -> AsyncIterator[Assistant]:
+    async with serving({}) as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: dict[str, str]) -> AsyncIterator[Assistant]:
+    """The app (with these settings too) and the page's Realtime stand-in."""
     now = [1_000_000.0]
     sim = RealtimeSimulator(Scenario.from_json("assistant"), api_key=SIM_KEY)
     await sim.start()
@@ -71,6 +79,7 @@ async def assistant() -> AsyncIterator[Assistant]:
         "OPENAI_BASE_URL": sim.base_url,
         "DATABASE_PATH": str(Path(tempfile.mkdtemp()) / "outbox.sqlite3"),
         "SESSION_RATE_LIMIT_PER_MINUTE": "1",
+        **settings,
     }
     app = create_app(load_settings(env, dotenv=None), clock=lambda: now[0])
     try:
@@ -87,7 +96,11 @@ def catalog() -> Catalog:
 
 @contextlib.asynccontextmanager
 async def open_page(
-    assistant: Assistant, *, viewport: dict[str, int] = DESKTOP, microphone: Path | None = None
+    assistant: Assistant,
+    *,
+    viewport: dict[str, int] = DESKTOP,
+    microphone: Path | None = None,
+    path: str = "/",
 ) -> AsyncIterator[Any]:
     """The page, connected; fails the test on any uncaught script error."""
     args = list(CHROMIUM_ARGS)
@@ -103,7 +116,7 @@ async def open_page(
         try:
             page = await browser.new_page(viewport=viewport)
             page.on("pageerror", lambda error: errors.append(str(error)))
-            await page.goto(assistant.url + "/")
+            await page.goto(assistant.url + path)
             await expect_state(page, "connected")
             yield page
         finally:
@@ -417,3 +430,29 @@ async def test_the_worklets_resampler_keeps_speech_and_rejects_aliases() -> None
                         assert 20 * math.log10(max(gain, 1e-9)) < -70, (rates, hz)
         finally:
             await browser.close()
+
+
+@pytest.fixture
+async def garden_assistant(tmp_path: Path) -> AsyncIterator[Assistant]:
+    """The app of a deployment with a Spanish garden center beside the default store."""
+    write_garden_catalog(tmp_path)
+    garden = {"name": "Green Thumb", "numbers": ["+15557650003"], "language": "es", "catalog": "garden.json"}
+    stores = write_stores(tmp_path / "stores.json", {"garden": garden})
+    async with serving({"STORES_PATH": str(stores)}) as served:
+        yield served
+
+
+async def test_a_stores_page_talks_as_that_store_and_searches_its_catalog(
+    garden_assistant: Assistant,
+) -> None:
+    assistant = garden_assistant
+    async with open_page(assistant, path="/?store=garden") as page:
+        [request] = assistant.sim.client_secret_requests
+        assert request["session"]["instructions"].startswith("Eres el asistente de una tienda")
+        await ask(page, "Show me washing machines")
+        session = assistant.sim.sessions[-1]
+        await eventually(lambda: len(session.tool_outputs) == 2, "both tool calls to run")
+    search, show = (json.loads(output) for _, output in session.tool_outputs)
+    assert search["found"] == 0, "the garden center sells no washing machine"
+    assert search["summary"].startswith("No hay nada"), search["summary"]
+    assert "Nothing was shown" in show["error"], "the appliance skus are not in the garden's catalog"

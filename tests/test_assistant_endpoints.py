@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from store_files import GARDEN_SKUS, write_garden_catalog, write_stores
 
 from bot.app import create_app
 from bot.catalog import Catalog
@@ -174,3 +175,37 @@ async def test_a_preflight_for_the_tools_allows_post_with_json(client: httpx.Asy
     assert response.status_code == 204
     assert "POST" in response.headers["access-control-allow-methods"]
     assert "Content-Type" in response.headers["access-control-allow-headers"]
+
+
+# --- a store's page -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def chain_client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """The app of a deployment with a Spanish garden center beside the default store."""
+    write_garden_catalog(tmp_path)
+    garden = {"name": "Green Thumb", "numbers": ["+15557650003"], "language": "es", "catalog": "garden.json"}
+    stores = write_stores(tmp_path / "stores.json", {"garden": garden})
+    env = {"DATABASE_PATH": str(tmp_path / "outbox.sqlite3"), "STORES_PATH": str(stores)}
+    async with LocalServer(create_app(load_settings(env, dotenv=None))) as server:
+        async with httpx.AsyncClient(base_url=server.base_url) as http:
+            yield http
+
+
+async def test_a_stores_page_searches_that_stores_catalog_in_its_language(
+    chain_client: httpx.AsyncClient,
+) -> None:
+    arguments = {"arguments": json.dumps({"query": "lawn mower"})}
+    garden = (await chain_client.post("/assistant/tools/search_products?store=garden", json=arguments)).json()
+    output = json.loads(garden["output"])
+    assert {p["sku"] for p in output["products"][:2]} == set(GARDEN_SKUS[:2])
+    assert output["summary"].startswith("Lo mejor: ")
+    default = (await chain_client.post("/assistant/tools/search_products", json=arguments)).json()
+    assert not set(GARDEN_SKUS) & {p["sku"] for p in json.loads(default["output"])["products"]}
+
+
+async def test_an_unknown_store_is_refused_naming_it(chain_client: httpx.AsyncClient) -> None:
+    arguments = {"arguments": json.dumps({"query": "lawn mower"})}
+    response = await chain_client.post("/assistant/tools/search_products?store=mall", json=arguments)
+    assert response.status_code == 404
+    assert "no store 'mall'" in response.json()["error"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from store_files import write_garden_catalog, write_stores
 
 from bot.app import create_app
 from bot.catalog import Catalog
@@ -235,3 +236,24 @@ async def test_no_origin_is_allowed_by_default(openai_sim: RealtimeSimulator) ->
 )  # fmt: skip
 def test_only_a_sane_retry_after_from_openai_is_passed_on(header: str | None, seconds: float | None) -> None:
     assert retry_after_seconds(header) == seconds
+
+
+async def test_a_stores_browser_gets_that_stores_agent_in_its_language(
+    openai_sim: RealtimeSimulator, tmp_path: Path
+) -> None:
+    write_garden_catalog(tmp_path)
+    garden = {
+        "name": "Green Thumb", "numbers": ["+15557650003"], "language": "es", "catalog": "garden.json",
+        "voice": "cedar",
+    }  # fmt: skip
+    stores = write_stores(tmp_path / "stores.json", {"garden": garden})
+    async for client in app_client(make_settings(openai_sim, STORES_PATH=str(stores))):
+        mine = await client.get("/session?store=garden", headers={"Origin": ALLOWED})
+        unknown = await client.get("/session?store=mall", headers={"Origin": ALLOWED})
+    session = mine.json()["session"]
+    assert session["instructions"].startswith("Eres el asistente de una tienda, en la página web")
+    assert "La tienda es Green Thumb." in session["instructions"]
+    assert session["audio"]["output"]["voice"] == "cedar"
+    assert session["audio"]["input"]["transcription"]["language"] == "es"
+    assert unknown.status_code == 404 and "no store 'mall'" in unknown.json()["error"]
+    assert len(openai_sim.client_secret_requests) == 1, "no secret is minted for a store that does not exist"
