@@ -19,14 +19,18 @@ import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
+from store_files import garden_catalog, new_webhook_secret
 
 from bot.catalog import check_file
 from bot.products import Product
-from bot.settings import MAKE_WEBHOOK_SECRET, Settings
+from bot.settings import MAKE_WEBHOOK_SECRET, SAMPLE_CATALOG_PATH, Settings, load_settings
+from bot.stores import StoreConfig, Stores
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -194,3 +198,20 @@ def test_the_fallback_documents_for_a_twiml_bin_are_twiml(name: str) -> None:
     console = section("### 4. Configure the number in the Twilio console")
     for placeholder in placeholders:
         assert f"`{placeholder}` replaced by the store's number" in console
+
+
+def test_the_stores_example_loads_as_the_stores_it_describes(tmp_path: Path) -> None:
+    [example] = code_blocks(section("## Stores"), "json")
+    (tmp_path / "catalogs").mkdir()
+    shutil.copy(SAMPLE_CATALOG_PATH, tmp_path / "catalogs" / "appliances.json")
+    (tmp_path / "catalogs" / "garden.json").write_text(json.dumps(garden_catalog()))
+    (tmp_path / "stores.json").write_text(example)
+    settings = load_settings({"STORES_PATH": str(tmp_path / "stores.json")}, dotenv=None)
+    stores = Stores.load(settings, environ={"DOWNTOWN_WEBHOOK_SECRET": new_webhook_secret()})
+    downtown, jardin = stores.for_number("+15557650002"), stores.for_number("+15557650004")
+    assert (downtown.id, jardin.id, jardin.language) == ("downtown", "jardin", "es")
+    friday_night = datetime(2025, 6, 13, 20, 30, tzinfo=ZoneInfo("America/New_York"))
+    assert downtown.is_open(friday_night)
+    assert downtown.transfer_to(friday_night.replace(hour=22)) == "+15557650299", "the after-hours line"
+    documented = set(re.findall(r"^\| `(\w+)`", section("## Stores"), re.M)) | {"webhook_secret_env"}
+    assert documented == set(StoreConfig.model_fields)
