@@ -1,10 +1,11 @@
 """The agent: what the model is told, the tools it may call, and what running a tool returns.
 
 The model speaks; product data travels as ProductsCollection JSON, never through the model's
-voice. So tool results are short spoken-style summaries. There are two toolsets over the same
-catalog: the phone's (`StoreTools`: the details go by SMS and webhook through the outbox, and the
-call can be transferred or ended) and the browser's (`BrowserTools`: the details go to the page
-as product cards).
+voice. So tool results are short spoken-style summaries. Everything is a store's (bot/stores.py):
+its catalog, its numbers and call center, and its words (bot/words/), which say what the model
+is told and what the results tell it to say. There are two toolsets over a store's catalog: the
+phone's (`StoreTools`: the details go by SMS and webhook through the outbox, and the call can be
+transferred or ended) and the browser's (`BrowserTools`: the details go to the page as cards).
 """
 
 from __future__ import annotations
