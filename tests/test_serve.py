@@ -5,6 +5,7 @@ Each refusal is one line on stderr naming the setting and the reason, exit statu
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -78,3 +79,23 @@ async def test_healthz_is_degraded_while_webhooks_are_held_after_a_410() -> None
                     break
     assert "python -m bot outbox enable-webhooks" in health["degraded"]["webhooks"]
     assert stack.receiver.received[0].status == 410
+
+
+def test_a_bad_stores_file_stops_start_up_with_one_line_per_bad_store(tmp_path: Path) -> None:
+    stores = tmp_path / "stores.json"
+    stores.write_text(
+        json.dumps(
+            {
+                "stores": {
+                    "downtown": {"name": "Downtown", "numbers": ["555-0100"]},
+                    "garden": {"name": "Garden", "numbers": ["+15557650003"], "catalog": "nope.json"},
+                    "mall": {"name": "Mall", "numbers": ["+15557650004"]},
+                }
+            }
+        )
+    )
+    done = serve(tmp_path, STORES_PATH=str(stores))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("{")]
+    assert [line.split(": store ")[1].split(":")[0] for line in lines] == ["'downtown'", "'garden'"]
+    assert all(line.startswith(f"STORES_PATH {stores}: store ") for line in lines)
