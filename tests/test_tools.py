@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from bot.catalog import Catalog
 from bot.products import ProductsCollection
 from bot.settings import SAMPLE_CATALOG_PATH
-from bot.stores import Destination, Store
+from bot.stores import Destination, HoursConfig, Store
 from bot.tools import (
     TOOL_DEFINITIONS,
     BrowserTools,
@@ -21,7 +23,9 @@ from bot.tools import (
     SmsOutcome,
     StoreTools,
     ToolResult,
+    phone_tools,
 )
+from bot.words import en, es
 
 CALL = CallContext(
     call_sid="CA0123456789abcdef0123456789abcdef", caller="+15551234567", called="+15557654321"
@@ -429,3 +433,52 @@ async def test_the_browser_has_no_phone_tools(catalog: Catalog, name: str) -> No
     output, _ = await browse(catalog, name, {"skus": ["WM-2024-X500"]})
     assert f"no tool named '{name}'" in output["error"]
     assert "search_products, show_products" in output["error"]
+
+
+# --- a store's hours and language -----------------------------------------------------------
+
+
+def store_with(catalog: Catalog, **fields: Any) -> Store:
+    base: dict[str, Any] = {"id": "downtown", "name": "Downtown", "language": "en", "voice": "marin"}
+    return Store(catalog=catalog, **{**base, **fields})
+
+
+@pytest.mark.anyio
+async def test_outside_opening_hours_nobody_takes_a_transfer_and_the_model_is_told_why(
+    catalog: Catalog,
+) -> None:
+    hours = HoursConfig(timezone="America/New_York", monday="09:00-18:00").opening_hours()
+    store = store_with(catalog, transfer_number="+15557654321", hours=hours)
+    monday_night = datetime(2025, 6, 9, 22, 0, tzinfo=ZoneInfo("America/New_York"))
+    tools = StoreTools(store, RecordingOutbox(), twilio=True, clock=lambda: monday_night)
+    output = await call(tools, "transfer_to_person", {"reason": "wants a person"})
+    assert output["_action"] is None and output["transferring"] is False
+    assert "The store is closed now, so nobody can take the call." in output["message"]
+    assert "it opens again on Monday at 09:00" in output["message"]
+    monday_morning = monday_night.replace(hour=10)
+    open_tools = StoreTools(store, RecordingOutbox(), twilio=True, clock=lambda: monday_morning)
+    assert (await call(open_tools, "transfer_to_person", {"reason": "x"}))["_action"] == "transfer"
+
+
+@pytest.mark.anyio
+async def test_an_auto_store_texts_in_the_language_the_model_says_the_caller_speaks(catalog: Catalog) -> None:
+    outbox = RecordingOutbox(sms=SmsOutcome("sent", None, None))
+    tools = StoreTools(store_with(catalog, language="auto", sms_from="+15550001111"), outbox, twilio=True)
+    await call(tools, "send_product_details", {"skus": ["WM-2024-X500"], "language": "es"})
+    await call(tools, "send_product_details", {"skus": ["WM-2024-X500"], "language": "tlh"})
+    assert [d.sms.photo for d in outbox.destinations] == ["Foto", "Photo"]
+    assert outbox.messages[0][2].TextMessage == es.SMS.details
+    schema = {t["name"]: t for t in phone_tools(en.WORDS, ask_language=True)}["send_product_details"]
+    assert schema["parameters"]["properties"]["language"]["enum"] == ["en", "es"]
+
+
+@pytest.mark.anyio
+async def test_a_spanish_store_texts_in_spanish_whatever_the_model_says(catalog: Catalog) -> None:
+    outbox = RecordingOutbox(sms=SmsOutcome("sent", None, None))
+    tools = StoreTools(store_with(catalog, language="es", sms_from="+15550001111"), outbox, twilio=True)
+    output = await call(tools, "send_product_details", {"skus": ["WM-2024-X500"], "language": "en"})
+    assert outbox.destinations[0].sms == es.SMS
+    assert output["message"] == es.RESULTS.text_sent
+    assert "language" not in {t["name"]: t for t in phone_tools(es.WORDS)}["send_product_details"][
+        "parameters"
+    ]["properties"]
