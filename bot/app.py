@@ -206,7 +206,7 @@ async def voice_webhook(request: Request) -> Response:
     store = runtime.stores.for_number(call.To)
     if not settings.openai_enabled:
         call_log.warning("no OpenAI key: answering with the fallback TwiML")
-        twiml = render_fallback_twiml(store.transfer_to(runtime.local_now()))
+        twiml = render_fallback_twiml(store.transfer_to(runtime.local_now()), store.words.code)
         return Response(twiml, media_type=TWIML_MEDIA_TYPE)
     token = mint_stream_token(
         runtime.stream_key, call.CallSid, runtime.clock(), settings.stream_token_ttl_s, store.id
@@ -217,7 +217,12 @@ async def voice_webhook(request: Request) -> Response:
         extra={"caller": mask_phone(call.From), "called": mask_phone(call.To), "store": store.id},
     )
     twiml = render_stream_twiml(
-        stream_url=stream_url, caller=call.From, called=call.To, token=token, store=store.id
+        stream_url=stream_url,
+        caller=call.From,
+        called=call.To,
+        token=token,
+        store=store.id,
+        language=store.words.code,
     )
     return Response(twiml, media_type=TWIML_MEDIA_TYPE)
 

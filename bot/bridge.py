@@ -517,8 +517,9 @@ class CallBridge:
             )
             self._dispatch(self.call.transfer_failed(self._now_ms()))
             return
+        twiml = render_transfer_twiml(number, self.store.words.code)
         try:
-            await twilio.update_call(self.call_sid, twiml=render_transfer_twiml(number))
+            await twilio.update_call(self.call_sid, twiml=twiml)
         except TwilioError as exc:
             self.log.warning("transfer failed: %s", exc)
             self._dispatch(self.call.transfer_failed(self._now_ms()))
@@ -555,7 +556,8 @@ class CallBridge:
         self._dispatch(self.call.session_lost(self._now_ms()))
         twilio = self.deps.twilio
         if twilio is not None:
-            twiml = render_fallback_twiml(self.store.transfer_to(self._local_now()))
+            number = self.store.transfer_to(self._local_now())
+            twiml = render_fallback_twiml(number, self.store.words.code)
             try:
                 await twilio.update_call(self.call_sid, twiml=twiml)
             except TwilioError as exc:

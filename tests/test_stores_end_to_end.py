@@ -24,7 +24,7 @@ from store_files import GARDEN_SKUS, appliance_store, new_webhook_secret, write_
 
 from bot.catalog import Catalog
 from bot.settings import SAMPLE_CATALOG_PATH
-from bot.sim.phone import PhoneCall
+from bot.sim.phone import PhoneCall, TwimlVerb
 from bot.sim.realtime import Scenario, SimSession, ToolCall, Turn
 from bot.sim.stack import SMS_FROM, STORE_PERSON, SimStack
 from bot.sim.webhook_receiver import Delivery, WebhookReceiver
@@ -76,6 +76,7 @@ class Chain:
     garden_receiver: WebhookReceiver
     garden_secret: str
     downtown_secret: str
+    after_stream: dict[str, list[TwimlVerb]]
 
 
 async def take_turn(call: PhoneCall, wav: str | None) -> None:
@@ -85,14 +86,17 @@ async def take_turn(call: PhoneCall, wav: str | None) -> None:
     await call.wait_until_quiet(quiet_ms=700, timeout=15)
 
 
-async def whole_call(stack: SimStack, caller: str, called: str) -> None:
-    """Greeting, the search, the text, then the transfer (which ends the call, as Twilio does)."""
+async def whole_call(stack: SimStack, caller: str, called: str) -> list[TwimlVerb]:
+    """Greeting, the search, the text, then the transfer (which ends the call, as Twilio does).
+
+    Returns what the voice webhook's TwiML has Twilio do once the stream ends on its own."""
     async with stack.dial(caller, called=called, pace=False) as call:
         await take_turn(call, None)
         await take_turn(call, "caller_washers.wav")
         await take_turn(call, "caller_text_me.wav")
         await call.say(read_wav(AUDIO / "caller_person.wav").data)
         await call.wait_closed(timeout=15)
+    return list(call.dial.verbs[1:])
 
 
 def stores_file(
@@ -136,12 +140,14 @@ async def chain(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Chain
     async with WebhookReceiver() as downtown_receiver, WebhookReceiver() as garden_receiver:
         path = stores_file(folder, downtown_receiver, garden_receiver, secrets)
         async with SimStack(SCENARIO, env={"STORES_PATH": str(path)}) as stack:
-            await whole_call(stack, DOWNTOWN_CALLER, DOWNTOWN)
-            await whole_call(stack, GARDEN_CALLER, GARDEN)
-            await whole_call(stack, OTHER_CALLER, UNLISTED)
+            after_stream = {
+                DOWNTOWN: await whole_call(stack, DOWNTOWN_CALLER, DOWNTOWN),
+                GARDEN: await whole_call(stack, GARDEN_CALLER, GARDEN),
+                UNLISTED: await whole_call(stack, OTHER_CALLER, UNLISTED),
+            }
             for receiver in (downtown_receiver, garden_receiver, stack.receiver):
                 await receiver.wait_until(partial(delivered_both, receiver), 15)
-            yield Chain(stack, downtown_receiver, garden_receiver, secrets[1], secrets[0])
+            yield Chain(stack, downtown_receiver, garden_receiver, secrets[1], secrets[0], after_stream)
 
 
 def delivered_both(receiver: WebhookReceiver) -> bool:
@@ -216,9 +222,10 @@ async def test_each_call_is_transferred_to_its_stores_staff(chain: Chain) -> Non
     twiml = [update["Twiml"] for update in chain.stack.twilio_api.call_updates]
     assert twiml == [
         render_transfer_twiml(DOWNTOWN_STAFF),
-        render_transfer_twiml(GARDEN_STAFF),
+        render_transfer_twiml(GARDEN_STAFF, "es"),
         render_transfer_twiml(STORE_PERSON),
     ]
+    assert '<Say language="es-MX">Lo sentimos' in twiml[1], "what Twilio says, in the store's language"
 
 
 async def test_an_unlisted_number_gets_the_default_store_as_without_stores(chain: Chain) -> None:
@@ -246,6 +253,14 @@ async def test_a_spanish_store_greets_instructs_and_transcribes_in_spanish(chain
     )
     tools = {tool["name"]: tool for tool in update["session"]["tools"]}
     assert tools["search_products"]["description"].startswith("Busca en el catálogo de la tienda.")
+
+
+async def test_what_twilio_says_itself_for_a_spanish_store_is_spanish(chain: Chain) -> None:
+    [say, _] = chain.after_stream[GARDEN]
+    assert (say.name, say.attributes) == ("Say", {"language": "es-MX"})
+    assert say.text.startswith("Lo sentimos, nuestro asistente tuvo un problema.")
+    [english, _] = chain.after_stream[DOWNTOWN]
+    assert english.text.startswith("Sorry, our assistant ran into a problem.")
 
 
 async def test_a_spanish_stores_text_is_in_spanish_with_the_products_as_the_catalog_has_them(
@@ -306,4 +321,4 @@ async def test_an_edit_while_a_call_is_on_changes_the_next_call_not_the_current_
     assert GARDEN_GREETING in greetings[0] and "Hola, habla Green Thumb Norte." in greetings[1]
     [sms] = stack.twilio_api.messages_to(GARDEN_CALLER)
     assert sms["from"] == GARDEN_SMS_FROM, "the call on the line keeps its store's number"
-    assert stack.twilio_api.call_updates[0]["Twiml"] == render_transfer_twiml(GARDEN_STAFF)
+    assert stack.twilio_api.call_updates[0]["Twiml"] == render_transfer_twiml(GARDEN_STAFF, "es")
