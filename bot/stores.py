@@ -388,19 +388,14 @@ class Stores:
         self._last_failure: tuple[_FileState | None, str] | None = None
 
     @classmethod
-    def load(
-        cls,
-        settings: Settings,
-        *,
-        catalog: Catalog | None = None,
-        environ: Mapping[str, str] | None = None,
-    ) -> Stores:
+    def load(cls, settings: Settings, *, environ: Mapping[str, str] | None = None) -> Stores:
         """Load CATALOG_PATH and STORES_PATH with every catalog it names.
 
         Raises CatalogError for CATALOG_PATH and StoresError (one line per bad store) for the rest.
+        `environ` (default: the process's) holds the secrets `webhook_secret_env` names.
         """
         environ = os.environ if environ is None else environ
-        default_catalog = catalog or Catalog.load(settings.catalog_path)
+        default_catalog = Catalog.load(settings.catalog_path)
         catalogs = {settings.catalog_path.resolve(): default_catalog}
         default = default_store(settings, default_catalog)
         path = settings.stores_path
