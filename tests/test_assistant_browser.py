@@ -282,11 +282,18 @@ async def test_typing_over_the_bot_stops_its_voice_and_truncates_at_what_was_hea
         await played(page, 1000)
         await ask(page, "And dryers?")
         session = assistant.sim.sessions[-1]
-        await eventually(lambda: bool(session.truncations), "the truncate")
+
+        def user_items() -> list[int]:
+            sent = session.events_received
+            return [i for i, event in enumerate(sent) if event.get("item", {}).get("role") == "user"]
+
+        await eventually(
+            lambda: bool(session.truncations) and len(user_items()) >= 2, "the truncate and the question"
+        )
         (_, content_index, heard_ms) = session.truncations[0]
         assert content_index == 0 and 1000 <= heard_ms < 2500, heard_ms
         sent = session.events_received
-        questions = [i for i, event in enumerate(sent) if event.get("item", {}).get("role") == "user"]
+        questions = user_items()
         truncate = next(i for i, event in enumerate(sent) if event["type"] == "conversation.item.truncate")
         assert truncate < questions[1], "cut before the model reads the next question"
         await shown_cards(page, 3)
