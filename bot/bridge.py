@@ -45,12 +45,21 @@ from bot.call import (
 )
 from bot.logs import CallLog, mask_phone
 from bot.realtime import RealtimeClient, RealtimeError, RealtimeRefused, connect_realtime
+from bot.realtime_events import Malformed
 from bot.settings import Settings
 from bot.stores import DEFAULT_STORE_ID, Destination, Store, Stores
 from bot.stream_token import check_stream_token
 from bot.tools import Agent, CallContext, Toolbox, ToolResult, greeting_line, phone_agent
 from bot.twilio_rest import TwilioError, TwilioRest
-from bot.twilio_stream import Media, ProtocolViolation, Start, Stop, parse_message
+from bot.twilio_stream import (
+    TWILIO_MEDIA_FORMAT,
+    Connected,
+    Media,
+    ProtocolViolation,
+    Start,
+    Stop,
+    parse_message,
+)
 from bot.twiml import render_fallback_twiml, render_transfer_twiml
 
 logger = logging.getLogger(__name__)
@@ -71,8 +80,8 @@ ROTATION_RETRY_S = 30.0
 CONTROL_GRACE_S = 10.0
 TOOL_DRAIN_S = 10.0
 # Logged once per call, however often they happen (a DTMF storm, a flood of duplicates).
-ONCE_NOTES = frozenset({"dtmf_invalid_digit_ignored", "duplicate_start_ignored", "realtime_bad_audio_delta"})
-WARNING_NOTES = frozenset({"realtime_error", "realtime_bad_audio_delta"})
+ONCE_NOTES = frozenset({"dtmf_invalid_digit_ignored", "duplicate_start_ignored"})
+WARNING_NOTES = frozenset({"realtime_error"})
 
 
 class CallRecordSink(Protocol):
@@ -89,6 +98,7 @@ class BridgeStats:
 
     stream_rejected: Counter[str] = field(default_factory=Counter)
     junk_frames: Counter[str] = field(default_factory=Counter)
+    realtime_junk_events: Counter[str] = field(default_factory=Counter)
     frames_before_start: int = 0
     uplink_frames_dropped: int = 0
     calls_started: int = 0
@@ -123,11 +133,15 @@ class BridgeDeps:
 
 
 async def serve_media_stream(websocket: WebSocket, deps: BridgeDeps) -> None:
-    """The `/media-stream` endpoint: one Twilio Media Stream, from upgrade to close."""
+    """The `/media-stream` endpoint: one Twilio Media Stream, from upgrade to close.
+
+    Before `start` nothing is opened; every way a stream can fail to begin ends in a close frame
+    (a refused upgrade in HTTP 403) and one count in `stream_rejected`, never in an exception."""
     stats = deps.stats
-    if not upgrade_signature_ok(websocket, deps.settings):
-        stats.stream_rejected["bad_upgrade_signature"] += 1
-        logger.warning("media stream refused: bad X-Twilio-Signature on the upgrade")
+    refusal = upgrade_refusal(websocket, deps.settings)
+    if refusal is not None:
+        stats.stream_rejected[refusal] += 1
+        logger.warning("media stream refused: %s", refusal.replace("_", " "), extra={"reason": refusal})
         await websocket.close(CLOSE_POLICY_VIOLATION)
         return
     await websocket.accept()
@@ -136,18 +150,11 @@ async def serve_media_stream(websocket: WebSocket, deps: BridgeDeps) -> None:
         return
     call_log = CallLog(logger, call_sid=start.call_sid)
     store_id = start.custom_parameters.get("store", DEFAULT_STORE_ID)
-    reason = check_stream_token(
-        deps.stream_key, start.custom_parameters.get("token"), start.call_sid, deps.wall_clock(), store_id
-    )
+    reason = _start_refusal(start, store_id, deps)
     if reason is not None:
         stats.stream_rejected[reason] += 1
-        call_log.warning("media stream refused: stream token %s", reason, extra={"reason": reason})
-        await _close(websocket, CLOSE_POLICY_VIOLATION, "stream token " + reason)
-        return
-    if start.call_sid in deps.active_calls:
-        stats.stream_rejected["duplicate_call"] += 1
-        call_log.warning("media stream refused: this call already has a stream")
-        await _close(websocket, CLOSE_POLICY_VIOLATION, "call already streaming")
+        call_log.warning("media stream refused: %s", reason.replace("_", " "), extra={"reason": reason})
+        await _close(websocket, CLOSE_POLICY_VIOLATION, reason.replace("_", " "))
         return
     store = deps.stores.get(store_id)
     if store is None:
@@ -161,12 +168,15 @@ async def serve_media_stream(websocket: WebSocket, deps: BridgeDeps) -> None:
         deps.active_calls.pop(start.call_sid, None)
 
 
-def upgrade_signature_ok(websocket: WebSocket, settings: Settings) -> bool:
-    """Twilio signs `wss://host/path` (no params) on the upgrade; checked where a signature is
-    present and the auth token is known."""
+def upgrade_refusal(websocket: WebSocket, settings: Settings) -> str | None:
+    """Why the upgrade is refused, or None. Twilio signs `wss://host/path` (no params); a present
+    signature is checked whenever the auth token is known, an absent one refused only when
+    REQUIRE_UPGRADE_SIGNATURE says the proxy in front keeps the header."""
     signature = websocket.headers.get("x-twilio-signature")
-    if signature is None or not settings.twilio_auth_token:
-        return True
+    if signature is None:
+        return "unsigned_upgrade" if settings.require_upgrade_signature else None
+    if not settings.twilio_auth_token:
+        return None
     if settings.public_url:
         base = settings.public_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
     else:
@@ -175,11 +185,27 @@ def upgrade_signature_ok(websocket: WebSocket, settings: Settings) -> bool:
         host = websocket.headers.get("x-forwarded-host") or websocket.headers.get("host", "")
         base = f"{scheme}://{host.split(',')[0].strip()}"
     validator = RequestValidator(settings.twilio_auth_token)
-    return bool(validator.validate(base + websocket.url.path, {}, signature))
+    if validator.validate(base + websocket.url.path, {}, signature):
+        return None
+    return "bad_upgrade_signature"
+
+
+def _start_refusal(start: Start, store_id: str, deps: BridgeDeps) -> str | None:
+    """Why this `start` may not begin a call (the stream token, the format, a second stream)."""
+    token = start.custom_parameters.get("token")
+    reason = check_stream_token(deps.stream_key, token, start.call_sid, deps.wall_clock(), store_id)
+    if reason is not None:
+        return reason
+    if start.media_format != TWILIO_MEDIA_FORMAT:
+        return "unsupported_media_format"
+    if start.call_sid in deps.active_calls:
+        return "duplicate_call"
+    return None
 
 
 async def _wait_for_start(websocket: WebSocket, deps: BridgeDeps) -> Start | None:
-    """Reads until `start`; media before it is ignored. None when the socket is done."""
+    """Reads until `start`; media before it is ignored. None when the socket is done (closed
+    here with 1008 and counted when the stream failed, with 1000 when Twilio stopped it)."""
     stats = deps.stats
     junk = _JunkMeter()
     try:
@@ -199,14 +225,21 @@ async def _wait_for_start(websocket: WebSocket, deps: BridgeDeps) -> Start | Non
                     stats.frames_before_start += 1
                 elif isinstance(parsed, ProtocolViolation):
                     stats.junk_frames[parsed.kind] += 1
-                    if junk.over_limit(time.monotonic()):
-                        stats.stream_rejected["junk_frames"] += 1
-                        await _close(websocket, CLOSE_POLICY_VIOLATION, "too many malformed frames")
-                        return None
+                    if parsed.event == "start":
+                        reason = "bad_start"
+                    elif junk.over_limit(time.monotonic()):
+                        reason = "junk_frames"
+                    else:
+                        continue
+                    stats.stream_rejected[reason] += 1
+                    extra = {"reason": reason, "kind": parsed.kind}
+                    logger.warning("media stream refused: %s", parsed.detail or parsed.kind, extra=extra)
+                    await _close(websocket, CLOSE_POLICY_VIOLATION, reason.replace("_", " "))
+                    return None
     except TimeoutError:
         stats.stream_rejected["no_start"] += 1
         logger.warning("media stream closed: no start within %.1f s", deps.start_timeout_s)
-        await _close(websocket, CLOSE_NORMAL, "no start")
+        await _close(websocket, CLOSE_POLICY_VIOLATION, "no start")
         return None
 
 
@@ -391,6 +424,11 @@ class CallBridge:
                         self.stats.uplink_frames_dropped += 1
             elif isinstance(parsed, ProtocolViolation):
                 self._on_junk(parsed.kind)
+            elif isinstance(parsed, Connected):
+                continue
+            elif parsed.stream_sid != self.stream_sid:
+                # Another stream's stop, mark or start must not end, steer or restart this call.
+                self._on_junk("foreign_stream")
             elif isinstance(parsed, Stop):
                 self._finish("twilio_stop")
                 return
@@ -660,7 +698,20 @@ class CallBridge:
     async def _read_realtime(self, client: RealtimeClient) -> None:
         call = self.call
         async for event in client.events():
-            self._dispatch(call.on_realtime(event, self._now_ms()))
+            if isinstance(event, Malformed):
+                self._on_realtime_junk(event)
+            else:
+                self._dispatch(call.on_realtime(event, self._now_ms()))
+
+    def _on_realtime_junk(self, event: Malformed) -> None:
+        """OpenAI's side sent something unusable: counted, logged once per kind, and ignored."""
+        self.stats.realtime_junk_events[event.kind] += 1
+        once = "realtime:" + event.kind
+        if once not in self._logged_once:
+            self._logged_once.add(once)
+            self.log.warning(
+                "malformed Realtime event skipped", extra={"kind": event.kind, "detail": event.detail}
+            )
 
     async def _write_realtime(self, client: RealtimeClient) -> None:
         uplink = self._uplink

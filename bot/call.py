@@ -1,11 +1,12 @@
 """The conversation state of one phone call, sans-I/O: messages in, actions out.
 
-`Call` is fed Twilio Media Streams messages and Realtime server events (dicts, parsed once)
-and answers with a list of actions: frames for Twilio, events for Realtime, tools to run, a
-transfer or hang-up to perform. It never touches a socket, never sleeps and never reads a
-clock: every method takes `now_ms` (a monotonic millisecond count the bridge supplies), and
-`next_deadline()` says when the bridge must call `tick()` next. So barge-in, mark accounting,
-pacing and tool round trips are tested as plain function calls.
+`Call` is fed Twilio Media Streams messages and Realtime server events (typed values, parsed
+once at the edge by `bot.twilio_stream` and `bot.realtime_events`) and answers with a list of
+actions: frames for Twilio, events for Realtime, tools to run, a transfer or hang-up to perform.
+It never touches a socket, never sleeps and never reads a clock: every method takes `now_ms`
+(a monotonic millisecond count the bridge supplies), and `next_deadline()` says when the bridge
+must call `tick()` next. So barge-in, mark accounting, pacing and tool round trips are tested as
+plain function calls.
 
 What the caller has heard is counted only from the marks Twilio echoes (never from the
 inbound clock); mark names carry a generation number so marks flushed by a `clear` are not
@@ -21,15 +22,30 @@ so the model cannot answer for the tool in it, and the tool's output still gets 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bot.audio import InboundTranscoder, OutboundTranscoder, mulaw_silence
+from bot.realtime_events import (
+    AudioDelta,
+    AudioDone,
+    FunctionCall,
+    InputTranscript,
+    OutputTranscript,
+    ResponseCreated,
+    ResponseDone,
+    ServerError,
+    ServerEvent,
+    SessionCreated,
+    SpeechStarted,
+    SpeechStopped,
+)
 from bot.tools import ToolResult
 from bot.twilio_stream import Dtmf, InboundMessage, Mark, Media, Outbound, Start
+from bot.wire import parse_digits
 from bot.words import LineWords, en
 
 FRAME_MS = 20
@@ -322,17 +338,18 @@ class Call:
         self._resume_needed = False
         self._last_tick_ms = now_ms
 
-        self._realtime_handlers = {
-            "response.output_audio.delta": self._on_audio_delta,
-            "response.output_audio.done": self._on_audio_done,
-            "input_audio_buffer.speech_started": self._on_speech_started,
-            "input_audio_buffer.speech_stopped": self._on_speech_stopped,
-            "response.created": self._on_response_created,
-            "response.done": self._on_response_done,
-            "response.output_audio_transcript.done": self._on_output_transcript,
-            "conversation.item.input_audio_transcription.completed": self._on_input_transcript,
-            "response.function_call_arguments.done": self._on_function_call,
-            "error": self._on_error,
+        self._realtime_handlers: dict[type[ServerEvent], Callable[[Any, int], list[Action]]] = {
+            AudioDelta: self._on_audio_delta,
+            AudioDone: self._on_audio_done,
+            SpeechStarted: self._on_speech_started,
+            SpeechStopped: self._on_speech_stopped,
+            ResponseCreated: self._on_response_created,
+            ResponseDone: self._on_response_done,
+            OutputTranscript: self._on_output_transcript,
+            InputTranscript: self._on_input_transcript,
+            FunctionCall: self._on_function_call,
+            ServerError: self._on_error,
+            SessionCreated: self._on_session_created,
         }
 
     # --- Twilio side ------------------------------------------------------------------
@@ -384,9 +401,9 @@ class Call:
             self._unacked -= 1
         heard, _, item_id = rest.partition(":")
         item = self._playing.get(item_id)
-        if item is None or not heard.isdigit():
+        heard_ms = parse_digits(heard)
+        if item is None or heard_ms is None:
             return
-        heard_ms = int(heard)
         if heard_ms > item.heard_ms:
             item.heard_ms = heard_ms
             item.heard_at_ms = now_ms
@@ -411,22 +428,16 @@ class Call:
 
     # --- Realtime side ----------------------------------------------------------------
 
-    def on_realtime(self, event: dict[str, Any], now_ms: int) -> list[Action]:
-        """A Realtime server event, already parsed; unknown types are ignored."""
-        handler = self._realtime_handlers.get(event.get("type", ""))
-        if handler is None:
-            return []
-        return handler(event, now_ms)
+    def on_realtime(self, event: ServerEvent, now_ms: int) -> list[Action]:
+        """A Realtime server event, parsed and checked at the edge (`bot.realtime_events`)."""
+        return self._realtime_handlers[type(event)](event, now_ms)
 
-    def _on_audio_delta(self, event: dict[str, Any], now_ms: int) -> list[Action]:
-        response_id = event.get("response_id", "")
+    def _on_audio_delta(self, event: AudioDelta, now_ms: int) -> list[Action]:
+        response_id = event.response_id
         if response_id in self._discarded or self._ended:
             return []
-        try:
-            raw = binascii.a2b_base64(event.get("delta", ""), strict_mode=True)
-        except binascii.Error:
-            return [Note("realtime_bad_audio_delta")]
-        item_id = event.get("item_id", "")
+        raw = event.audio
+        item_id = event.item_id
         item = self._playing.get(item_id)
         if item is None:
             stats = self._stats.get(response_id)
@@ -439,8 +450,8 @@ class Call:
         item.buf += raw if self._downlink is None else self._downlink.convert(raw)
         return self._forward(now_ms)
 
-    def _on_audio_done(self, event: dict[str, Any], now_ms: int) -> list[Action]:
-        item = self._playing.get(event.get("item_id", ""))
+    def _on_audio_done(self, event: AudioDone, now_ms: int) -> list[Action]:
+        item = self._playing.get(event.item_id)
         if item is None or item.audio_done:
             return []
         if self._downlink is not None:
@@ -448,12 +459,10 @@ class Call:
         item.audio_done = True
         return self._forward(now_ms)
 
-    def _on_speech_started(self, event: dict[str, Any], now_ms: int) -> list[Action]:
+    def _on_speech_started(self, event: SpeechStarted, now_ms: int) -> list[Action]:
         self._user_speaking = True
         self._heard_from_caller(now_ms)
-        item_id = event.get("item_id")
-        if isinstance(item_id, str):
-            self._user_turn_at[item_id] = now_ms
+        self._user_turn_at[event.item_id] = now_ms
         actions: list[Action] = []
         if self._unplayed(now_ms):
             actions += self._interrupt(now_ms, truncate=True)
@@ -473,7 +482,7 @@ class Call:
             actions.append(Note("call_action_cancelled_by_caller", {"action": pending.kind}))
         return actions
 
-    def _on_speech_stopped(self, event: dict[str, Any], now_ms: int) -> list[Action]:
+    def _on_speech_stopped(self, event: SpeechStopped, now_ms: int) -> list[Action]:
         self._user_speaking = False
         self._quiet_since = now_ms
         self._speech_stopped_ms = now_ms
@@ -481,16 +490,15 @@ class Call:
         self._hold_until = now_ms + RESPONSE_HOLD_MS
         return []
 
-    def _on_response_created(self, event: dict[str, Any], now_ms: int) -> list[Action]:
-        response = event.get("response") or {}
-        response_id = response.get("id", "")
+    def _on_response_created(self, event: ResponseCreated, now_ms: int) -> list[Action]:
+        response_id = event.response_id
         stats = ResponseStats(response_id, now_ms)
         self._stats[response_id] = stats
         self._active = stats
         self._requested = False
         self._hold_until = now_ms
         self._quiet_since = now_ms
-        if response.get("metadata") == TOOL_WAIT_METADATA:
+        if event.metadata == TOOL_WAIT_METADATA:
             # Out of band: it answers nothing, and leaves the conversation as it was.
             self._asides.add(response_id)
             return []
@@ -500,12 +508,11 @@ class Call:
             del self._followups[origin]
         return []
 
-    def _on_response_done(self, event: dict[str, Any], now_ms: int) -> list[Action]:
-        response = event.get("response") or {}
-        response_id = response.get("id", "")
+    def _on_response_done(self, event: ResponseDone, now_ms: int) -> list[Action]:
+        response_id = event.response_id
         stats = self._stats.pop(response_id, None) or ResponseStats(response_id, now_ms)
-        stats.status = str(response.get("status", ""))
-        stats.usage = _usage(response.get("usage"))
+        stats.status = event.status
+        stats.usage = event.usage
         self.responses.append(stats)
         if self._active is not None and self._active.response_id == response_id:
             self._active = None
@@ -516,9 +523,9 @@ class Call:
         note = Note("response_done", {"response_id": response_id, **stats.as_dict()})
         return [note, *self._settle(now_ms)]
 
-    def _on_output_transcript(self, event: dict[str, Any], now_ms: int) -> list[Action]:
-        item_id = event.get("item_id", "")
-        text = str(event.get("transcript", ""))
+    def _on_output_transcript(self, event: OutputTranscript, now_ms: int) -> list[Action]:
+        item_id = event.item_id
+        text = event.transcript
         item = self._playing.get(item_id)
         entry = TranscriptEntry("assistant", text, now_ms if item is None else item.first_ms)
         if item is not None:
@@ -531,16 +538,14 @@ class Call:
             self.transcript.append(entry)
         return []
 
-    def _on_input_transcript(self, event: dict[str, Any], now_ms: int) -> list[Action]:
-        at_ms = self._user_turn_at.pop(str(event.get("item_id", "")), now_ms)
-        self.transcript.append(TranscriptEntry("user", str(event.get("transcript", "")), at_ms))
+    def _on_input_transcript(self, event: InputTranscript, now_ms: int) -> list[Action]:
+        at_ms = self._user_turn_at.pop(event.item_id, now_ms)
+        self.transcript.append(TranscriptEntry("user", event.transcript, at_ms))
         return []
 
-    def _on_function_call(self, event: dict[str, Any], now_ms: int) -> list[Action]:
-        call_id = str(event.get("call_id", ""))
-        name = str(event.get("name", ""))
-        arguments = str(event.get("arguments", ""))
-        response_id = str(event.get("response_id", ""))
+    def _on_function_call(self, event: FunctionCall, now_ms: int) -> list[Action]:
+        call_id, name, arguments = event.call_id, event.name, event.arguments
+        response_id = event.response_id
         entry = TranscriptEntry("tool", "", now_ms, tool_name=name, call_id=call_id, arguments=arguments)
         self.transcript.append(entry)
         self._tools[call_id] = _ToolCall(response_id, entry, self.sessions, now_ms)
@@ -573,20 +578,22 @@ class Call:
                 self._want = self._script.line(line)
         return actions + self._settle(now_ms)
 
-    def _on_error(self, event: dict[str, Any], now_ms: int) -> list[Action]:
-        error = event.get("error") or {}
-        code = error.get("code")
-        fields = {"code": code, "type": error.get("type"), "detail": str(error.get("message", ""))[:200]}
+    def _on_error(self, event: ServerError, now_ms: int) -> list[Action]:
+        code = event.code
+        fields = {"code": code, "type": event.type, "detail": event.message}
         actions: list[Action] = [Note("realtime_error", fields)]
         if code == "session_expired":
             actions.append(Reconnect("session_expired"))
-        elif code == "conversation_already_has_active_response" and error.get("event_id") == self._request_id:
+        elif code == "conversation_already_has_active_response" and event.client_event_id == self._request_id:
             # Our response.create lost a race with the server's own; ask again when idle.
             self._requested = False
             self._request_id = None
             if self._want is None:
                 self._want = self._request_body
         return actions
+
+    def _on_session_created(self, event: SessionCreated, now_ms: int) -> list[Action]:
+        return [Note("realtime_session_created", {"session_id": event.session_id})]
 
     # --- session lifecycle ------------------------------------------------------------
 
@@ -1037,19 +1044,3 @@ def _trim_to_heard(text: str, heard_ms: int, received_ms: int) -> str:
         return text
     words = text.split()
     return " ".join(words[: round(len(words) * heard_ms / received_ms)])
-
-
-def _usage(usage: object) -> dict[str, int]:
-    """Token counts of one response, audio and text apart (they are priced apart)."""
-    if not isinstance(usage, dict):
-        return {}
-    given = usage.get("input_token_details") or {}
-    made = usage.get("output_token_details") or {}
-    counts = {
-        "input_text_tokens": given.get("text_tokens"),
-        "input_audio_tokens": given.get("audio_tokens"),
-        "input_cached_tokens": given.get("cached_tokens"),
-        "output_text_tokens": made.get("text_tokens"),
-        "output_audio_tokens": made.get("audio_tokens"),
-    }
-    return {key: value for key, value in counts.items() if isinstance(value, int)}

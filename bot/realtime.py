@@ -12,6 +12,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from bot.realtime_events import MAX_EVENT_CHARS, Ignored, Malformed, ServerEvent, parse_server_event
 from bot.settings import Settings
 from bot.tools import Agent
 
@@ -79,7 +80,7 @@ def session_update_event(settings: Settings, agent: Agent) -> dict[str, Any]:
 
 # Server events are small (an audio delta is a few KB); a session.updated echoing the tools and
 # instructions is the largest. A tight cap keeps a misbehaving peer from costing memory.
-REALTIME_MAX_MESSAGE_BYTES = 1024 * 1024
+REALTIME_MAX_MESSAGE_BYTES = MAX_EVENT_CHARS
 REALTIME_OPEN_TIMEOUT_S = 5.0
 REALTIME_CONNECT_ATTEMPTS = 3
 REALTIME_RETRY_BASE_S = 0.25
@@ -149,17 +150,16 @@ class RealtimeClient:
         """Sends one client event (JSON text). Raises ConnectionClosed once the socket is gone."""
         await self._ws.send(text)
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Server events, parsed once, until the socket closes (how: `close_code`)."""
+    async def events(self) -> AsyncIterator[ServerEvent | Malformed]:
+        """Server events, each frame parsed once, until the socket closes (how: `close_code`).
+
+        Frames the bot cannot use come out as Malformed, for the caller to count; events it has
+        no use for are skipped here."""
         try:
             async for message in self._ws:
-                if isinstance(message, str):
-                    try:
-                        event = json.loads(message)
-                    except ValueError:
-                        continue
-                    if isinstance(event, dict):
-                        yield event
+                event = parse_server_event(message)
+                if not isinstance(event, Ignored):
+                    yield event
         except ConnectionClosed:
             return
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLE_CATALOG_PATH = PACKAGE_DIR / "data" / "catalog.json"
@@ -96,6 +96,9 @@ class Settings(BaseModel):
     )
     stream_token_ttl_s: int = Field(120, alias="STREAM_TOKEN_TTL_S", ge=10, le=3600)
     stream_signing_key: str | None = Field(None, alias="STREAM_SIGNING_KEY")
+    # Off by default: many proxies and tunnels strip X-Twilio-Signature from the upgrade request,
+    # and the stream token already binds a stream to its signed call.
+    require_upgrade_signature: bool = Field(False, alias="REQUIRE_UPGRADE_SIGNATURE")
 
     twilio_account_sid: str | None = Field(None, alias="TWILIO_ACCOUNT_SID")
     twilio_auth_token: str | None = Field(None, alias="TWILIO_AUTH_TOKEN")
@@ -198,6 +201,14 @@ class Settings(BaseModel):
     def _check_e164(cls, value: str | None) -> str | None:
         return None if value is None else check_e164(value)
 
+    @model_validator(mode="after")
+    def _check_upgrade_signature(self) -> Settings:
+        if self.require_upgrade_signature and not self.twilio_auth_token:
+            raise ValueError(
+                "REQUIRE_UPGRADE_SIGNATURE needs TWILIO_AUTH_TOKEN: without it no signature can be checked"
+            )
+        return self
+
     @property
     def openai_enabled(self) -> bool:
         return bool(self.openai_api_key)
@@ -295,7 +306,10 @@ def load_settings(
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            name = str(error["loc"][0]) if error["loc"] else "settings"
+            if not error["loc"]:
+                lines.append(error["msg"].removeprefix("Value error, "))
+                continue
+            name = str(error["loc"][0])
             shown = cleaned.get(name, "")
             secret = any(word in name for word in ("KEY", "TOKEN", "SECRET")) or name == "DATABASE_URL"
             value = "" if secret else f" (got {shown!r})"

@@ -12,6 +12,7 @@ import hmac
 from typing import Literal
 
 from bot.stores import DEFAULT_STORE_ID
+from bot.wire import parse_digits
 
 TOKEN_VERSION = "v1"
 
@@ -38,9 +39,9 @@ def check_stream_token(
     if not token:
         return "missing"
     parts = token.split(".")
-    if len(parts) != 3 or parts[0] != TOKEN_VERSION or not parts[1].isdigit():
+    expires_at = parse_digits(parts[1]) if len(parts) == 3 and parts[0] == TOKEN_VERSION else None
+    if expires_at is None or not parts[2].isascii():
         return "malformed"
-    expires_at = int(parts[1])
     if not hmac.compare_digest(parts[2], _mac(key, call_sid, store, expires_at)):
         return "bad_signature"
     if now_s > expires_at:

@@ -2,24 +2,31 @@
 
 Parsing is the hot path (fifty `media` frames a second per call), so each frame is decoded
 once with `json.loads` and mapped by hand onto slotted dataclasses: no validation layer that
-allocates. Anything malformed or unknown becomes a `ProtocolViolation` value, never an
-exception: the caller counts it, logs the first of each kind, and the call goes on.
+allocates. Every field is held to what Twilio sends (strings where it sends strings, counts in
+ASCII digits, strict base64), with size and nesting bounded before decoding (`bot.wire`).
+Anything malformed or unknown becomes a `ProtocolViolation` value, never an exception: the
+caller counts it, logs the first of each kind, and the call goes on.
 """
 
 from __future__ import annotations
 
-import binascii
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from bot.wire import JsonFault, decode_base64, load_json, parse_count
+
 # The largest Media Streams message the app accepts (uvicorn's default is 16 MiB). Twilio's own
 # messages are well under 1 KiB; anything near this is a fault, and is closed with 1009.
 MAX_MESSAGE_BYTES = 64 * 1024
+# `start` is the deepest message Twilio sends (start.customParameters): three levels.
+MAX_NESTING = 8
 MULAW_BYTES_PER_MS = 8
 
 ViolationKind = Literal[
     "binary",
+    "too_large",
+    "too_deep",
     "not_json",
     "not_object",
     "no_event",
@@ -42,6 +49,10 @@ class MediaFormat:
     encoding: str
     sample_rate_hz: int
     channels: int
+
+
+# What the bot can play and hear: Twilio's one format for Media Streams.
+TWILIO_MEDIA_FORMAT = MediaFormat("audio/x-mulaw", 8000, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +107,12 @@ class Stop:
 
 @dataclass(frozen=True, slots=True)
 class ProtocolViolation:
-    """A frame the bot cannot use. `detail` is for a log line and never holds audio."""
+    """A frame the bot cannot use. `event` names the message when it had a known one (a broken
+    `start` ends a stream that has not begun); `detail` is for a log line and never holds audio."""
 
     kind: ViolationKind
     detail: str = field(default="")
+    event: str = field(default="")
 
 
 InboundMessage = Connected | Start | Media | Mark | Dtmf | Stop
@@ -109,11 +122,10 @@ def parse_message(text: str | bytes) -> InboundMessage | ProtocolViolation:
     """One Twilio WebSocket frame -> a typed message, or the reason it is unusable."""
     if isinstance(text, bytes):
         return ProtocolViolation("binary", f"{len(text)} bytes")
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return ProtocolViolation("not_json", f"{len(text)} chars")
-    if not isinstance(data, dict):
+    data = load_json(text, max_chars=MAX_MESSAGE_BYTES, max_depth=MAX_NESTING)
+    if type(data) is not dict:
+        if isinstance(data, JsonFault):
+            return ProtocolViolation(data.kind, data.detail)
         return ProtocolViolation("not_object", type(data).__name__)
     event = data.get("event")
     if event is None:
@@ -129,58 +141,63 @@ def parse_message(text: str | bytes) -> InboundMessage | ProtocolViolation:
             return _parse_start(data)
         if event == "stop":
             stop = data.get("stop")
-            call_sid = stop.get("callSid", "") if isinstance(stop, dict) else ""
-            return Stop(_str(data, "streamSid"), call_sid if isinstance(call_sid, str) else "")
+            call_sid = stop.get("callSid") if type(stop) is dict else None
+            return Stop(_str(data, "streamSid"), call_sid if type(call_sid) is str else "")
         if event == "connected":
-            protocol, version = data.get("protocol", ""), data.get("version", "")
-            return Connected(str(protocol), str(version))
+            protocol, version = data.get("protocol"), data.get("version")
+            return Connected(
+                protocol if type(protocol) is str else "", version if type(version) is str else ""
+            )
     except _BadField as exc:
-        return ProtocolViolation("bad_field", f"{event}: bad or missing {exc}")
-    return ProtocolViolation("unknown_event", str(event)[:40])
+        return ProtocolViolation("bad_field", f"{event}: bad or missing {exc}", event)
+    return ProtocolViolation("unknown_event", _describe(event))
 
 
 def _parse_media(data: dict[str, Any]) -> Media | ProtocolViolation:
     media = data.get("media")
-    if not isinstance(media, dict):
+    if type(media) is not dict:
         raise _BadField("media")
     payload = media.get("payload")
-    if not isinstance(payload, str):
+    if type(payload) is not str:
         raise _BadField("payload")
-    timestamp = media.get("timestamp", "0")
-    if isinstance(timestamp, str) and timestamp.isdigit():
-        timestamp_ms = int(timestamp)
-    elif isinstance(timestamp, int) and not isinstance(timestamp, bool) and timestamp >= 0:
-        timestamp_ms = timestamp
-    else:
+    timestamp_ms = parse_count(media.get("timestamp", "0"))
+    if timestamp_ms is None:
         raise _BadField("timestamp")
-    try:
-        audio = binascii.a2b_base64(payload, strict_mode=True)
-    except binascii.Error:
-        return ProtocolViolation("bad_payload", f"{len(payload)} chars")
-    stream_sid = data.get("streamSid", "")
-    return Media(stream_sid if isinstance(stream_sid, str) else "", timestamp_ms, payload, audio)
+    audio = decode_base64(payload)
+    if audio is None:
+        return ProtocolViolation("bad_payload", f"{len(payload)} chars", "media")
+    stream_sid = data.get("streamSid")
+    return Media(stream_sid if type(stream_sid) is str else "", timestamp_ms, payload, audio)
 
 
 def _parse_start(data: dict[str, Any]) -> Start:
     start = _obj(data, "start")
     params = start.get("customParameters") or {}
-    if not isinstance(params, dict):
+    if type(params) is not dict or not all(type(v) is str for v in params.values()):
         raise _BadField("customParameters")
     fmt = start.get("mediaFormat") or {}
-    if not isinstance(fmt, dict):
+    if type(fmt) is not dict:
         raise _BadField("mediaFormat")
     tracks = start.get("tracks") or []
+    if type(tracks) is not list or not all(type(t) is str for t in tracks):
+        raise _BadField("tracks")
+    account_sid = start.get("accountSid", "")
+    encoding = fmt.get("encoding", TWILIO_MEDIA_FORMAT.encoding)
+    if type(account_sid) is not str:
+        raise _BadField("accountSid")
+    if type(encoding) is not str:
+        raise _BadField("encoding")
     return Start(
         stream_sid=_str(start, "streamSid"),
         call_sid=_str(start, "callSid"),
-        account_sid=str(start.get("accountSid", "")),
-        custom_parameters={str(k): str(v) for k, v in params.items()},
+        account_sid=account_sid,
+        custom_parameters=params,
         media_format=MediaFormat(
-            encoding=str(fmt.get("encoding", "audio/x-mulaw")),
-            sample_rate_hz=_int(fmt.get("sampleRate", 8000), "sampleRate"),
-            channels=_int(fmt.get("channels", 1), "channels"),
+            encoding=encoding,
+            sample_rate_hz=_count(fmt, "sampleRate", TWILIO_MEDIA_FORMAT.sample_rate_hz),
+            channels=_count(fmt, "channels", TWILIO_MEDIA_FORMAT.channels),
         ),
-        tracks=tuple(str(t) for t in tracks) if isinstance(tracks, list) else (),
+        tracks=tuple(tracks),
     )
 
 
@@ -190,26 +207,28 @@ class _BadField(Exception):
 
 def _obj(data: dict[str, Any], key: str) -> dict[str, Any]:
     value = data.get(key)
-    if not isinstance(value, dict):
+    if type(value) is not dict:
         raise _BadField(key)
     return value
 
 
 def _str(data: dict[str, Any], key: str) -> str:
     value = data.get(key)
-    if not isinstance(value, str) or not value:
+    if type(value) is not str or not value:
         raise _BadField(key)
     return value
 
 
-def _int(value: object, name: str) -> int:
-    if isinstance(value, bool):
-        raise _BadField(name)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    raise _BadField(name)
+def _count(data: dict[str, Any], key: str, default: int) -> int:
+    value = parse_count(data.get(key, default))
+    if value is None:
+        raise _BadField(key)
+    return value
+
+
+def _describe(event: object) -> str:
+    """A log-safe name for an event we do not know: its text, cut short, or its JSON type."""
+    return event[:40] if type(event) is str else type(event).__name__
 
 
 class Outbound:

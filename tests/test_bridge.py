@@ -304,10 +304,10 @@ async def test_media_before_start_is_ignored_and_nothing_opens_until_start(stack
     assert len(stack.realtime.sessions) == 1
 
 
-async def test_no_start_in_time_closes_the_socket_cleanly(stack: Stack) -> None:
+async def test_no_start_in_time_closes_the_socket_with_1008_and_counts_it(stack: Stack) -> None:
     call = await stack.dial(start_stream=False)
     await call.wait_closed(3.0)
-    assert call.close_code == 1000
+    assert call.close_code == 1008
     assert stack.deps.stats.stream_rejected == {"no_start": 1}
     assert stack.realtime.sessions == []
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from openai.types.realtime import RealtimeClientEvent
+from openai.types.realtime import RealtimeClientEvent, RealtimeServerEvent
 from pydantic import BaseModel, TypeAdapter
 
 from bot.call import (
@@ -37,6 +37,7 @@ from bot.call import (
 from bot.call import (
     PCM24K_BYTES_PER_MS as PCM_BYTES_PER_MS,
 )
+from bot.realtime_events import Ignored, Malformed, parse_server_event
 from bot.tools import ToolResult
 from bot.twilio_stream import Dtmf, Mark, Media
 from bot.words import en
@@ -44,6 +45,11 @@ from bot.words import en
 SID = "MZ" + "1" * 32
 CALL_SID = "CA" + "2" * 32
 CLIENT_EVENT: TypeAdapter[RealtimeClientEvent] = TypeAdapter(RealtimeClientEvent)
+# The GA model of each server event type, so a test's event is checked against its own schema.
+SERVER_EVENT_MODELS: dict[str, type[BaseModel]] = {
+    get_args(model.model_fields["type"].annotation)[0]: model
+    for model in get_args(get_args(RealtimeServerEvent)[0])
+}
 
 
 def assert_no_undeclared_fields(model: BaseModel, path: str) -> None:
@@ -68,6 +74,15 @@ def realtime_events(actions: list[Action]) -> list[dict[str, Any]]:
     return events
 
 
+def feed(call: Call, event: dict[str, Any], now_ms: int) -> list[Action]:
+    """A server event as OpenAI sends it (checked against the GA schema), through the edge parser."""
+    wire = {"event_id": "event_test", **event}
+    SERVER_EVENT_MODELS[wire["type"]].model_validate(wire)
+    parsed = parse_server_event(json.dumps(wire))
+    assert not isinstance(parsed, Malformed | Ignored), parsed
+    return call.on_realtime(parsed, now_ms)
+
+
 def twilio_frames(actions: list[Action]) -> list[dict[str, Any]]:
     return [json.loads(a.text) for a in actions if isinstance(a, ToTwilio)]
 
@@ -80,8 +95,8 @@ def new_call(**options: Any) -> Call:
     options.setdefault("audio_format", "pcmu")
     call = Call(call_sid=CALL_SID, stream_sid=SID, now_ms=0, **options)
     call.session_opened(0)
-    call.on_realtime(response_created("resp_greet"), 0)
-    call.on_realtime(response_done("resp_greet"), 0)
+    feed(call, response_created("resp_greet"), 0)
+    feed(call, response_done("resp_greet"), 0)
     return call
 
 
@@ -133,6 +148,27 @@ def speech_stopped(item_id: str = "item_user") -> dict[str, Any]:
     return {"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 0, "item_id": item_id}
 
 
+def output_transcript(item_id: str, text: str) -> dict[str, Any]:
+    return {
+        "type": "response.output_audio_transcript.done",
+        "response_id": "resp_any",
+        "item_id": item_id,
+        "output_index": 0,
+        "content_index": 0,
+        "transcript": text,
+    }
+
+
+def input_transcript(item_id: str, text: str) -> dict[str, Any]:
+    return {
+        "type": "conversation.item.input_audio_transcription.completed",
+        "item_id": item_id,
+        "content_index": 0,
+        "transcript": text,
+        "usage": {"type": "duration", "seconds": 1.0},
+    }
+
+
 def marks(actions: list[Action]) -> list[str]:
     return [f["mark"]["name"] for f in twilio_frames(actions) if f["event"] == "mark"]
 
@@ -146,9 +182,9 @@ def echo(call: Call, names: list[str], now_ms: int) -> list[Action]:
 
 def speak(call: Call, item_id: str, response_id: str, ms: int, now_ms: int = 0) -> list[Action]:
     """A whole response of `ms` audio arriving at once (the model is faster than real time)."""
-    actions = call.on_realtime(response_created(response_id), now_ms)
-    actions += call.on_realtime(delta(item_id, response_id, ms), now_ms)
-    actions += call.on_realtime(audio_done(item_id, response_id), now_ms)
+    actions = feed(call, response_created(response_id), now_ms)
+    actions += feed(call, delta(item_id, response_id, ms), now_ms)
+    actions += feed(call, audio_done(item_id, response_id), now_ms)
     return actions
 
 
@@ -197,7 +233,7 @@ def test_contiguous_and_repeated_timestamps_get_no_silence() -> None:
 def test_media_stopping_mid_speech_sends_silence_once_so_vad_can_close_the_turn() -> None:
     call = new_call()
     call.on_twilio(media(0), 0)
-    call.on_realtime(speech_started(), 10)
+    feed(call, speech_started(), 10)
     assert call.next_deadline() == INPUT_STALL_MS
     assert realtime_events(call.tick(INPUT_STALL_MS - 1)) == []
     events = realtime_events(call.tick(INPUT_STALL_MS))
@@ -271,9 +307,9 @@ def pcm_delta(item_id: str, response_id: str, ms: int) -> dict[str, Any]:
 
 def test_pcm16_model_audio_becomes_20ms_mulaw_frames() -> None:
     call = new_call(audio_format="pcm16")
-    call.on_realtime(response_created("resp_a"), 0)
-    actions = call.on_realtime(pcm_delta("item_a", "resp_a", 100), 0)
-    actions += call.on_realtime(audio_done("item_a", "resp_a"), 0)
+    feed(call, response_created("resp_a"), 0)
+    actions = feed(call, pcm_delta("item_a", "resp_a", 100), 0)
+    actions += feed(call, audio_done("item_a", "resp_a"), 0)
     payloads = [
         base64.b64decode(f["media"]["payload"]) for f in twilio_frames(actions) if f["event"] == "media"
     ]
@@ -293,14 +329,14 @@ def test_pcm16_truncation_is_the_last_echoed_mark_and_never_past_the_audio_recei
 ) -> None:
     """Up to 180 ms of audio: under the pacing burst, so all of it is forwarded at once."""
     call = new_call(audio_format="pcm16")
-    call.on_realtime(response_created("resp_a"), 0)
+    feed(call, response_created("resp_a"), 0)
     names: list[str] = []
     for ms in chunks_ms:
-        names += marks(call.on_realtime(pcm_delta("item_a", "resp_a", ms), 0))
+        names += marks(feed(call, pcm_delta("item_a", "resp_a", ms), 0))
     if done:
-        names += marks(call.on_realtime(audio_done("item_a", "resp_a"), 0))
+        names += marks(feed(call, audio_done("item_a", "resp_a"), 0))
     echo(call, names[:echoed], 1)
-    truncates = of_type(realtime_events(call.on_realtime(speech_started(), 1)), "conversation.item.truncate")
+    truncates = of_type(realtime_events(feed(call, speech_started(), 1)), "conversation.item.truncate")
     heard = int(names[min(echoed, len(names)) - 1].split(":")[1]) if echoed and names else 0
     if heard and (not done or echoed < len(names)):
         assert truncates[0]["audio_end_ms"] == heard
@@ -313,7 +349,7 @@ def test_an_idle_call_has_no_deadline_but_its_session_age() -> None:
     call = Call(call_sid=CALL_SID, stream_sid=SID, now_ms=0, audio_format="pcmu", session_max_ms=3_600_000)
     assert call.next_deadline() is None
     call.session_opened(0)
-    call.on_realtime(response_created("r"), 0)
+    feed(call, response_created("r"), 0)
     assert call.next_deadline() == 3_600_000
 
 
@@ -324,7 +360,7 @@ def test_barge_in_clears_twilio_and_truncates_at_the_last_acknowledged_mark() ->
     call = new_call()
     names = marks(speak(call, "item_a", "resp_a", 200))
     echo(call, names[:5], 100)
-    actions = call.on_realtime(speech_started(), 100)
+    actions = feed(call, speech_started(), 100)
     assert of_type(twilio_frames(actions), "clear") == [{"event": "clear", "streamSid": SID}]
     assert of_type(realtime_events(actions), "conversation.item.truncate") == [
         {"type": "conversation.item.truncate", "item_id": "item_a", "content_index": 0, "audio_end_ms": 100}
@@ -338,16 +374,16 @@ def test_playback_between_marks_is_credited_up_to_one_frame_past_the_last_echo(
     call = new_call()
     names = marks(speak(call, "item_a", "resp_a", 200))
     echo(call, names[:5], 100)
-    events = realtime_events(call.on_realtime(speech_started(), 100 + since_echo_ms))
+    events = realtime_events(feed(call, speech_started(), 100 + since_echo_ms))
     assert of_type(events, "conversation.item.truncate")[0]["audio_end_ms"] == audio_end_ms
 
 
 def test_credit_between_marks_never_passes_the_audio_sent() -> None:
     call = new_call()
-    call.on_realtime(response_created("resp_a"), 0)
-    names = marks(call.on_realtime(delta("item_a", "resp_a", 100), 0))
+    feed(call, response_created("resp_a"), 0)
+    names = marks(feed(call, delta("item_a", "resp_a", 100), 0))
     echo(call, names, 100)
-    events = realtime_events(call.on_realtime(speech_started(), 150))
+    events = realtime_events(feed(call, speech_started(), 150))
     assert of_type(events, "conversation.item.truncate")[0]["audio_end_ms"] == 100
 
 
@@ -357,16 +393,16 @@ def test_heard_is_counted_from_marks_not_from_the_inbound_clock() -> None:
     for ts in range(0, 2_000, 20):
         call.on_twilio(media(ts), ts)
     echo(call, names[:2], 2_000)
-    events = realtime_events(call.on_realtime(speech_started(), 2_000))
+    events = realtime_events(feed(call, speech_started(), 2_000))
     assert of_type(events, "conversation.item.truncate")[0]["audio_end_ms"] == 40
 
 
 def test_no_clear_and_no_truncate_when_nothing_is_playing() -> None:
     call = new_call()
     names = marks(speak(call, "item_a", "resp_a", 100))
-    call.on_realtime(response_done("resp_a"), 0)
+    feed(call, response_done("resp_a"), 0)
     echo(call, names, 100)
-    actions = call.on_realtime(speech_started(), 500)
+    actions = feed(call, speech_started(), 500)
     assert twilio_frames(actions) == []
     assert realtime_events(actions) == []
 
@@ -375,12 +411,12 @@ def test_marks_echoed_after_a_clear_belong_to_an_old_generation_and_are_ignored(
     call = new_call()
     names = marks(speak(call, "item_a", "resp_a", 200))
     echo(call, names[:1], 20)
-    call.on_realtime(speech_started(), 30)
+    feed(call, speech_started(), 30)
     echo(call, names[1:], 30)
     new_names = marks(speak(call, "item_b", "resp_b", 100, now_ms=40))
     assert all(name.startswith("1:") for name in new_names)
     echo(call, new_names[:2], 80)
-    events = realtime_events(call.on_realtime(speech_started("item_user2"), 80))
+    events = realtime_events(feed(call, speech_started("item_user2"), 80))
     assert of_type(events, "conversation.item.truncate") == [
         {"type": "conversation.item.truncate", "item_id": "item_b", "content_index": 0, "audio_end_ms": 40}
     ]
@@ -388,38 +424,38 @@ def test_marks_echoed_after_a_clear_belong_to_an_old_generation_and_are_ignored(
 
 def test_late_deltas_of_an_interrupted_response_are_dropped() -> None:
     call = new_call()
-    call.on_realtime(response_created("resp_a"), 0)
-    call.on_realtime(delta("item_a", "resp_a", 100), 0)
-    call.on_realtime(speech_started(), 10)
-    assert twilio_frames(call.on_realtime(delta("item_a", "resp_a", 100), 11)) == []
-    assert twilio_frames(call.on_realtime(delta("item_x", "resp_a", 100), 12)) == []
-    call.on_realtime(response_done("resp_a", "cancelled"), 13)
+    feed(call, response_created("resp_a"), 0)
+    feed(call, delta("item_a", "resp_a", 100), 0)
+    feed(call, speech_started(), 10)
+    assert twilio_frames(feed(call, delta("item_a", "resp_a", 100), 11)) == []
+    assert twilio_frames(feed(call, delta("item_x", "resp_a", 100), 12)) == []
+    feed(call, response_done("resp_a", "cancelled"), 13)
     assert len(marks(speak(call, "item_b", "resp_b", 40, now_ms=20))) == 2
 
 
 def test_a_response_interrupted_before_its_first_delta_is_never_played() -> None:
     call = new_call()
-    call.on_realtime(response_created("resp_a"), 0)
-    actions = call.on_realtime(speech_started(), 5)
+    feed(call, response_created("resp_a"), 0)
+    actions = feed(call, speech_started(), 5)
     assert twilio_frames(actions) == [] and realtime_events(actions) == []
-    assert twilio_frames(call.on_realtime(delta("item_a", "resp_a", 100), 6)) == []
+    assert twilio_frames(feed(call, delta("item_a", "resp_a", 100), 6)) == []
 
 
 def test_an_item_of_which_nothing_was_heard_is_deleted_not_truncated() -> None:
     call = new_call()
     speak(call, "item_a", "resp_a", 100)
-    events = realtime_events(call.on_realtime(speech_started(), 5))
+    events = realtime_events(feed(call, speech_started(), 5))
     assert events == [{"type": "conversation.item.delete", "item_id": "item_a"}]
 
 
 def test_overlapping_items_are_each_cut_at_their_own_position() -> None:
     call = new_call()
     names_a = marks(speak(call, "item_a", "resp_a", 100))
-    call.on_realtime(response_done("resp_a"), 0)
+    feed(call, response_done("resp_a"), 0)
     names_b = marks(speak(call, "item_b", "resp_b", 100, now_ms=1))
     echo(call, names_a[:3], 60)
     assert names_b and all(name.endswith(":item_b") for name in names_b)
-    events = realtime_events(call.on_realtime(speech_started(), 60))
+    events = realtime_events(feed(call, speech_started(), 60))
     assert events == [
         {"type": "conversation.item.truncate", "item_id": "item_a", "content_index": 0, "audio_end_ms": 60},
         {"type": "conversation.item.delete", "item_id": "item_b"},
@@ -430,19 +466,19 @@ def test_a_fully_heard_item_is_not_truncated_when_the_next_one_is_interrupted() 
     call = new_call()
     names_a = marks(speak(call, "item_a", "resp_a", 60))
     echo(call, names_a, 60)
-    names_b = marks(call.on_realtime(delta("item_b", "resp_a", 60), 61))
+    names_b = marks(feed(call, delta("item_b", "resp_a", 60), 61))
     echo(call, names_b[:1], 80)
-    events = realtime_events(call.on_realtime(speech_started(), 80))
+    events = realtime_events(feed(call, speech_started(), 80))
     assert [e.get("item_id") for e in events] == ["item_b"]
     assert events[0]["audio_end_ms"] == 20
 
 
 def test_barge_in_while_the_model_is_still_generating_truncates_even_if_the_buffer_ran_dry() -> None:
     call = new_call()
-    call.on_realtime(response_created("resp_a"), 0)
-    names = marks(call.on_realtime(delta("item_a", "resp_a", 40), 0))
+    feed(call, response_created("resp_a"), 0)
+    names = marks(feed(call, delta("item_a", "resp_a", 40), 0))
     echo(call, names, 40)
-    events = realtime_events(call.on_realtime(speech_started(), 50))
+    events = realtime_events(feed(call, speech_started(), 50))
     assert of_type(events, "conversation.item.truncate")[0]["audio_end_ms"] == 40
 
 
@@ -463,15 +499,15 @@ def function_call(call_id: str, name: str, arguments: str, response_id: str) -> 
 
 def test_a_function_call_runs_the_tool_with_its_arguments() -> None:
     call = new_call()
-    call.on_realtime(response_created("resp_a"), 0)
-    actions = call.on_realtime(function_call("call_1", "search_products", '{"query":"washer"}', "resp_a"), 1)
+    feed(call, response_created("resp_a"), 0)
+    actions = feed(call, function_call("call_1", "search_products", '{"query":"washer"}', "resp_a"), 1)
     assert actions == [RunTool("call_1", "search_products", '{"query":"washer"}')]
 
 
 def test_tool_output_goes_first_and_response_create_only_after_the_calling_response_is_done() -> None:
     call = new_call()
-    call.on_realtime(response_created("resp_a"), 0)
-    call.on_realtime(function_call("call_1", "search_products", "{}", "resp_a"), 1)
+    feed(call, response_created("resp_a"), 0)
+    feed(call, function_call("call_1", "search_products", "{}", "resp_a"), 1)
     events = realtime_events(call.on_tool_result("call_1", ToolResult('{"found":2}'), 2))
     assert events == [
         {
@@ -479,25 +515,25 @@ def test_tool_output_goes_first_and_response_create_only_after_the_calling_respo
             "item": {"type": "function_call_output", "call_id": "call_1", "output": '{"found":2}'},
         }
     ]
-    events = realtime_events(call.on_realtime(response_done("resp_a"), 3))
+    events = realtime_events(feed(call, response_done("resp_a"), 3))
     assert [e["type"] for e in events] == ["response.create"]
 
 
 def test_a_tool_result_after_the_response_is_done_asks_for_the_answer_at_once() -> None:
     call = new_call()
-    call.on_realtime(response_created("resp_a"), 0)
-    call.on_realtime(function_call("call_1", "search_products", "{}", "resp_a"), 1)
-    assert realtime_events(call.on_realtime(response_done("resp_a"), 2)) == []
+    feed(call, response_created("resp_a"), 0)
+    feed(call, function_call("call_1", "search_products", "{}", "resp_a"), 1)
+    assert realtime_events(feed(call, response_done("resp_a"), 2)) == []
     events = realtime_events(call.on_tool_result("call_1", ToolResult("{}"), 3))
     assert [e["type"] for e in events] == ["conversation.item.create", "response.create"]
 
 
 def test_parallel_tool_calls_get_one_response_create_after_the_last_output() -> None:
     call = new_call()
-    call.on_realtime(response_created("resp_a"), 0)
-    call.on_realtime(function_call("call_1", "search_products", "{}", "resp_a"), 1)
-    call.on_realtime(function_call("call_2", "search_products", "{}", "resp_a"), 1)
-    call.on_realtime(response_done("resp_a"), 2)
+    feed(call, response_created("resp_a"), 0)
+    feed(call, function_call("call_1", "search_products", "{}", "resp_a"), 1)
+    feed(call, function_call("call_2", "search_products", "{}", "resp_a"), 1)
+    feed(call, response_done("resp_a"), 2)
     first = realtime_events(call.on_tool_result("call_1", ToolResult("{}"), 3))
     second = realtime_events(call.on_tool_result("call_2", ToolResult("{}"), 4))
     assert [e["type"] for e in first] == ["conversation.item.create"]
@@ -506,9 +542,9 @@ def test_parallel_tool_calls_get_one_response_create_after_the_last_output() -> 
 
 def test_a_rejected_response_create_is_sent_again_once_the_other_response_ends() -> None:
     call = new_call()
-    call.on_realtime(response_created("resp_a"), 0)
-    call.on_realtime(function_call("call_1", "search_products", "{}", "resp_a"), 1)
-    call.on_realtime(response_done("resp_a"), 2)
+    feed(call, response_created("resp_a"), 0)
+    feed(call, function_call("call_1", "search_products", "{}", "resp_a"), 1)
+    feed(call, response_done("resp_a"), 2)
     [request] = of_type(
         realtime_events(call.on_tool_result("call_1", ToolResult("{}"), 3)), "response.create"
     )
@@ -521,19 +557,19 @@ def test_a_rejected_response_create_is_sent_again_once_the_other_response_ends()
             "event_id": request["event_id"],
         },
     }
-    call.on_realtime(response_created("resp_vad"), 4)
-    assert realtime_events(call.on_realtime(error, 4)) == []
-    events = realtime_events(call.on_realtime(response_done("resp_vad"), 5))
+    feed(call, response_created("resp_vad"), 4)
+    assert realtime_events(feed(call, error, 4)) == []
+    events = realtime_events(feed(call, response_done("resp_vad"), 5))
     assert [e["type"] for e in events] == ["response.create"]
 
 
 def test_no_response_create_right_after_the_caller_stops_speaking() -> None:
     call = new_call()
-    call.on_realtime(response_created("resp_a"), 0)
-    call.on_realtime(function_call("call_1", "search_products", "{}", "resp_a"), 1)
-    call.on_realtime(response_done("resp_a"), 2)
-    call.on_realtime(speech_started(), 3)
-    call.on_realtime(speech_stopped(), 400)
+    feed(call, response_created("resp_a"), 0)
+    feed(call, function_call("call_1", "search_products", "{}", "resp_a"), 1)
+    feed(call, response_done("resp_a"), 2)
+    feed(call, speech_started(), 3)
+    feed(call, speech_stopped(), 400)
     events = realtime_events(call.on_tool_result("call_1", ToolResult("{}"), 500))
     assert [e["type"] for e in events] == ["conversation.item.create"]
     assert call.next_deadline() == 400 + RESPONSE_HOLD_MS
@@ -542,22 +578,22 @@ def test_no_response_create_right_after_the_caller_stops_speaking() -> None:
 
 def test_a_response_the_server_starts_after_the_tool_output_replaces_the_follow_up() -> None:
     call = new_call()
-    call.on_realtime(response_created("resp_a"), 0)
-    call.on_realtime(function_call("call_1", "search_products", "{}", "resp_a"), 1)
-    call.on_realtime(response_done("resp_a"), 2)
-    call.on_realtime(speech_started(), 3)
-    call.on_realtime(speech_stopped(), 400)
+    feed(call, response_created("resp_a"), 0)
+    feed(call, function_call("call_1", "search_products", "{}", "resp_a"), 1)
+    feed(call, response_done("resp_a"), 2)
+    feed(call, speech_started(), 3)
+    feed(call, speech_stopped(), 400)
     call.on_tool_result("call_1", ToolResult("{}"), 500)
-    call.on_realtime(response_created("resp_vad"), 600)
-    later = call.on_realtime(response_done("resp_vad"), 900) + call.tick(5_000)
+    feed(call, response_created("resp_vad"), 600)
+    later = feed(call, response_done("resp_vad"), 900) + call.tick(5_000)
     assert of_type(realtime_events(later), "response.create") == []
 
 
 def test_transfer_waits_until_the_connecting_line_has_been_heard() -> None:
     call = new_call()
     names = marks(speak(call, "item_a", "resp_a", 100))
-    call.on_realtime(function_call("call_t", "transfer_to_person", '{"reason":"asked"}', "resp_a"), 1)
-    call.on_realtime(response_done("resp_a"), 2)
+    feed(call, function_call("call_t", "transfer_to_person", '{"reason":"asked"}', "resp_a"), 1)
+    feed(call, response_done("resp_a"), 2)
     actions = call.on_tool_result("call_t", ToolResult('{"ok":true}', "transfer"), 3)
     assert not any(isinstance(a, Transfer) for a in actions)
     assert of_type(realtime_events(actions), "response.create") == []
@@ -571,10 +607,10 @@ def test_transfer_waits_until_the_connecting_line_has_been_heard() -> None:
 def test_a_transfer_is_cancelled_when_the_caller_talks_over_the_connecting_line() -> None:
     call = new_call()
     names = marks(speak(call, "item_a", "resp_a", 100))
-    call.on_realtime(function_call("call_t", "transfer_to_person", "{}", "resp_a"), 1)
-    call.on_realtime(response_done("resp_a"), 2)
+    feed(call, function_call("call_t", "transfer_to_person", "{}", "resp_a"), 1)
+    feed(call, response_done("resp_a"), 2)
     call.on_tool_result("call_t", ToolResult("{}", "transfer"), 3)
-    actions = call.on_realtime(speech_started(), 40)
+    actions = feed(call, speech_started(), 40)
     assert any(isinstance(a, Note) and a.event == "call_action_cancelled_by_caller" for a in actions)
     system = [
         e
@@ -588,22 +624,22 @@ def test_a_transfer_is_cancelled_when_the_caller_talks_over_the_connecting_line(
 
 def test_a_transfer_called_without_a_spoken_line_first_asks_the_model_to_say_it() -> None:
     call = new_call()
-    call.on_realtime(response_created("resp_a"), 0)
-    call.on_realtime(function_call("call_t", "transfer_to_person", "{}", "resp_a"), 1)
-    call.on_realtime(response_done("resp_a"), 2)
+    feed(call, response_created("resp_a"), 0)
+    feed(call, function_call("call_t", "transfer_to_person", "{}", "resp_a"), 1)
+    feed(call, response_done("resp_a"), 2)
     events = realtime_events(call.on_tool_result("call_t", ToolResult("{}", "transfer"), 3))
     line = of_type(events, "response.create")
     assert len(line) == 1 and "connecting them" in line[0]["response"]["instructions"]
     names = marks(speak(call, "item_b", "resp_b", 40, now_ms=4))
-    assert not any(isinstance(a, Transfer) for a in call.on_realtime(response_done("resp_b"), 5))
+    assert not any(isinstance(a, Transfer) for a in feed(call, response_done("resp_b"), 5))
     assert any(isinstance(a, Transfer) for a in echo(call, names, 50))
 
 
 def test_end_call_hangs_up_after_the_goodbye_has_played() -> None:
     call = new_call()
     names = marks(speak(call, "item_a", "resp_a", 60))
-    call.on_realtime(function_call("call_e", "end_call", "{}", "resp_a"), 1)
-    call.on_realtime(response_done("resp_a"), 2)
+    feed(call, function_call("call_e", "end_call", "{}", "resp_a"), 1)
+    feed(call, response_done("resp_a"), 2)
     assert not any(
         isinstance(a, HangUp) for a in call.on_tool_result("call_e", ToolResult("{}", "end_call"), 3)
     )
@@ -613,8 +649,8 @@ def test_end_call_hangs_up_after_the_goodbye_has_played() -> None:
 def test_a_goodbye_whose_last_frame_spends_the_pacing_credit_still_hangs_up() -> None:
     call = new_call()
     names = marks(speak(call, "item_a", "resp_a", PACE_BURST_MS))
-    call.on_realtime(function_call("call_e", "end_call", "{}", "resp_a"), 1)
-    call.on_realtime(response_done("resp_a"), 2)
+    feed(call, function_call("call_e", "end_call", "{}", "resp_a"), 1)
+    feed(call, response_done("resp_a"), 2)
     call.on_tool_result("call_e", ToolResult("{}", "end_call"), 3)
     assert [a for a in echo(call, names, PACE_BURST_MS) if isinstance(a, HangUp)] == [HangUp("tool end_call")]
 
@@ -622,8 +658,8 @@ def test_a_goodbye_whose_last_frame_spends_the_pacing_credit_still_hangs_up() ->
 def test_a_call_action_still_happens_when_twilio_never_echoes_the_marks() -> None:
     call = new_call()
     speak(call, "item_a", "resp_a", 60)
-    call.on_realtime(function_call("call_e", "end_call", "{}", "resp_a"), 1)
-    call.on_realtime(response_done("resp_a"), 2)
+    feed(call, function_call("call_e", "end_call", "{}", "resp_a"), 1)
+    feed(call, response_done("resp_a"), 2)
     call.on_tool_result("call_e", ToolResult("{}", "end_call"), 3)
     deadline = call.next_deadline()
     assert deadline is not None and deadline < 5_000
@@ -642,7 +678,7 @@ def test_the_transfer_key_takes_the_transfer_path_once_per_storm() -> None:
     lines = of_type(realtime_events(actions), "response.create")
     assert len(lines) == 1 and "connecting them" in lines[0]["response"]["instructions"]
     names = marks(speak(call, "item_t", "resp_t", 40, now_ms=1_000))
-    call.on_realtime(response_done("resp_t"), 1_001)
+    feed(call, response_done("resp_t"), 1_001)
     transfers = [a for a in echo(call, names, 1_100) if isinstance(a, Transfer)]
     transfers += [a for a in call.on_twilio(Dtmf(SID, "0"), 1_200) if isinstance(a, Transfer)]
     assert len(transfers) == 1
@@ -669,22 +705,11 @@ def test_other_digits_and_a_disabled_key_do_nothing() -> None:
 
 def test_transcript_keeps_user_and_assistant_turns_in_time_order() -> None:
     call = new_call()
-    call.on_realtime(speech_started("item_u1"), 1_000)
-    call.on_realtime(speech_stopped("item_u1"), 2_000)
+    feed(call, speech_started("item_u1"), 1_000)
+    feed(call, speech_stopped("item_u1"), 2_000)
     names = marks(speak(call, "item_a", "resp_a", 40, now_ms=2_500))
-    call.on_realtime(
-        {"type": "response.output_audio_transcript.done", "item_id": "item_a", "transcript": "Hello there."},
-        2_501,
-    )
-    call.on_realtime(
-        {
-            "type": "conversation.item.input_audio_transcription.completed",
-            "item_id": "item_u1",
-            "content_index": 0,
-            "transcript": "Hi, washers?",
-        },
-        2_600,
-    )
+    feed(call, output_transcript("item_a", "Hello there."), 2_501)
+    feed(call, input_transcript("item_u1", "Hi, washers?"), 2_600)
     echo(call, names, 2_600)
     transcript = call.record(3_000)["transcript"]
     assert transcript == [
@@ -695,42 +720,27 @@ def test_transcript_keeps_user_and_assistant_turns_in_time_order() -> None:
 
 def test_transcript_times_count_from_the_start_of_the_call() -> None:
     call = Call(call_sid=CALL_SID, stream_sid=SID, now_ms=90_000, audio_format="pcmu")
-    call.on_realtime(speech_started("item_u1"), 91_000)
-    call.on_realtime(
-        {
-            "type": "conversation.item.input_audio_transcription.completed",
-            "item_id": "item_u1",
-            "content_index": 0,
-            "transcript": "Hi, washers?",
-        },
-        92_000,
-    )
+    feed(call, speech_started("item_u1"), 91_000)
+    feed(call, input_transcript("item_u1", "Hi, washers?"), 92_000)
     assert call.record(93_000)["transcript"] == [{"role": "user", "text": "Hi, washers?", "at_ms": 1_000}]
 
 
 def test_an_interrupted_answer_is_kept_only_as_far_as_it_was_heard() -> None:
     call = new_call()
     names = marks(speak(call, "item_a", "resp_a", 200))
-    call.on_realtime(
-        {
-            "type": "response.output_audio_transcript.done",
-            "item_id": "item_a",
-            "transcript": "one two three four five six seven eight nine ten",
-        },
-        1,
-    )
+    feed(call, output_transcript("item_a", "one two three four five six seven eight nine ten"), 1)
     echo(call, names[:5], 100)
-    call.on_realtime(speech_started(), 100)
+    feed(call, speech_started(), 100)
     [entry] = call.record(200)["transcript"]
     assert entry == {"role": "assistant", "text": "one two three four five", "at_ms": 0, "interrupted": True}
 
 
 def test_latency_is_measured_from_speech_stopped_to_the_first_frame_sent() -> None:
     call = new_call()
-    call.on_realtime(speech_started(), 1_000)
-    call.on_realtime(speech_stopped(), 2_000)
-    call.on_realtime(response_created("resp_a"), 2_100)
-    call.on_realtime(delta("item_a", "resp_a", 40), 2_350)
+    feed(call, speech_started(), 1_000)
+    feed(call, speech_stopped(), 2_000)
+    feed(call, response_created("resp_a"), 2_100)
+    feed(call, delta("item_a", "resp_a", 40), 2_350)
     usage = {
         "total_tokens": 100,
         "input_tokens": 60,
@@ -738,7 +748,7 @@ def test_latency_is_measured_from_speech_stopped_to_the_first_frame_sent() -> No
         "input_token_details": {"text_tokens": 50, "audio_tokens": 10, "cached_tokens": 30},
         "output_token_details": {"text_tokens": 5, "audio_tokens": 35},
     }
-    actions = call.on_realtime(response_done("resp_a", usage=usage), 2_400)
+    actions = feed(call, response_done("resp_a", usage=usage), 2_400)
     record = call.record(3_000)
     assert record["responses"][-1] == {
         "response_id": "resp_a",
@@ -772,26 +782,16 @@ def test_the_record_has_duration_outcome_and_counts() -> None:
 
 
 def seed_conversation(call: Call) -> None:
-    call.on_realtime(speech_started("item_u1"), 100)
-    call.on_realtime(speech_stopped("item_u1"), 800)
-    call.on_realtime(
-        {
-            "type": "conversation.item.input_audio_transcription.completed",
-            "item_id": "item_u1",
-            "transcript": "Any washers?",
-        },
-        900,
-    )
-    call.on_realtime(response_created("resp_a"), 1_000)
-    call.on_realtime(function_call("call_1", "search_products", '{"query":"washer"}', "resp_a"), 1_001)
-    call.on_realtime(response_done("resp_a"), 1_002)
+    feed(call, speech_started("item_u1"), 100)
+    feed(call, speech_stopped("item_u1"), 800)
+    feed(call, input_transcript("item_u1", "Any washers?"), 900)
+    feed(call, response_created("resp_a"), 1_000)
+    feed(call, function_call("call_1", "search_products", '{"query":"washer"}', "resp_a"), 1_001)
+    feed(call, response_done("resp_a"), 1_002)
     call.on_tool_result("call_1", ToolResult('{"found":1}'), 1_003)
     names = marks(speak(call, "item_a", "resp_b", 40, now_ms=1_100))
-    call.on_realtime(
-        {"type": "response.output_audio_transcript.done", "item_id": "item_a", "transcript": "We have one."},
-        1_101,
-    )
-    call.on_realtime(response_done("resp_b"), 1_102)
+    feed(call, output_transcript("item_a", "We have one."), 1_101)
+    feed(call, response_done("resp_b"), 1_102)
     echo(call, names, 1_200)
 
 
@@ -835,7 +835,7 @@ def test_a_session_lost_while_idle_is_restored_without_a_word() -> None:
 def test_a_session_lost_while_the_caller_asks_resumes_so_the_question_gets_an_answer() -> None:
     call = new_call()
     seed_conversation(call)
-    call.on_realtime(speech_started("item_u2"), 5_000)
+    feed(call, speech_started("item_u2"), 5_000)
     call.session_lost(5_500)
     events = realtime_events(call.session_opened(6_000))
     assert len(of_type(events, "response.create")) == 1
@@ -843,8 +843,8 @@ def test_a_session_lost_while_the_caller_asks_resumes_so_the_question_gets_an_an
 
 def test_a_tool_answered_after_a_reconnect_recreates_its_call_item() -> None:
     call = new_call()
-    call.on_realtime(response_created("resp_a"), 0)
-    call.on_realtime(function_call("call_1", "search_products", "{}", "resp_a"), 1)
+    feed(call, response_created("resp_a"), 0)
+    feed(call, function_call("call_1", "search_products", "{}", "resp_a"), 1)
     call.session_lost(2)
     call.session_opened(3)
     events = realtime_events(call.on_tool_result("call_1", ToolResult("{}"), 4))
@@ -857,9 +857,9 @@ def test_a_tool_answered_after_a_reconnect_recreates_its_call_item() -> None:
 def test_rotation_waits_for_a_turn_boundary_and_restores_silently() -> None:
     call = Call(call_sid=CALL_SID, stream_sid=SID, now_ms=0, audio_format="pcmu", session_max_ms=60_000)
     call.session_opened(0)
-    call.on_realtime(response_created("resp_g"), 0)
+    feed(call, response_created("resp_g"), 0)
     assert not any(isinstance(a, RotateSession) for a in call.tick(60_000))
-    call.on_realtime(response_done("resp_g"), 60_100)
+    feed(call, response_done("resp_g"), 60_100)
     deadline = call.next_deadline()
     assert deadline is not None and deadline <= 60_600
     assert any(isinstance(a, RotateSession) for a in call.tick(deadline))
@@ -875,22 +875,13 @@ def test_session_expired_asks_the_bridge_to_reconnect() -> None:
         "type": "error",
         "error": {"type": "invalid_request_error", "code": "session_expired", "message": "expired"},
     }
-    assert Reconnect("session_expired") in call.on_realtime(error, 0)
+    assert Reconnect("session_expired") in feed(call, error, 0)
 
 
-def test_a_bad_audio_delta_is_reported_not_raised() -> None:
+def test_a_new_realtime_session_is_noted_with_its_id_for_openais_logs() -> None:
     call = new_call()
-    event = delta("item_a", "resp_a", 20)
-    event["delta"] = "%%%"
-    [note] = call.on_realtime(event, 0)
-    assert isinstance(note, Note) and note.event == "realtime_bad_audio_delta"
-
-
-@pytest.mark.parametrize(
-    "kind", ["session.created", "rate_limits.updated", "conversation.item.added", "made.up"]
-)
-def test_events_the_call_does_not_need_are_ignored(kind: str) -> None:
-    assert new_call().on_realtime({"type": kind}, 0) == []
+    created = {"type": "session.created", "session": {"id": "sess_1", "type": "realtime"}}
+    assert feed(call, created, 0) == [Note("realtime_session_created", {"session_id": "sess_1"})]
 
 
 # --- a silent caller ------------------------------------------------------------------
@@ -914,7 +905,7 @@ def advance(call: Call, until_ms: int) -> list[Action]:
 def speak_and_play(call: Call, item_id: str, response_id: str, now_ms: int) -> list[Action]:
     """A 200 ms response (one burst) whose marks all come back as it finishes playing."""
     names = marks(speak(call, item_id, response_id, 200, now_ms))
-    actions = call.on_realtime(response_done(response_id), now_ms)
+    actions = feed(call, response_done(response_id), now_ms)
     return actions + echo(call, names, now_ms + 200)
 
 
@@ -957,8 +948,8 @@ def test_a_caller_who_answers_the_question_carries_on_and_a_later_silence_is_ask
     call = idle_call()
     call.tick(10_000)
     speak_and_play(call, "item_ask", "resp_ask", 10_001)
-    call.on_realtime(speech_started("item_yes"), 12_000)
-    call.on_realtime(speech_stopped("item_yes"), 12_600)
+    feed(call, speech_started("item_yes"), 12_000)
+    feed(call, speech_stopped("item_yes"), 12_600)
     speak_and_play(call, "item_a", "resp_a", 13_000)
     assert call.next_deadline() == 13_200 + 10_000, "a question again, not the goodbye"
     [ask] = of_type(realtime_events(call.tick(23_200)), "response.create")
@@ -967,15 +958,15 @@ def test_a_caller_who_answers_the_question_carries_on_and_a_later_silence_is_ask
 
 def test_no_idle_question_while_the_caller_speaks_or_a_tool_runs() -> None:
     speaking = idle_call()
-    speaking.on_realtime(speech_started(), 100)
+    feed(speaking, speech_started(), 100)
     assert realtime_events(advance(speaking, 60_000)) == [], "a caller talking for a minute is not idle"
     waiting = idle_call()
-    waiting.on_realtime(response_created("resp_a"), 0)
-    waiting.on_realtime(function_call("call_1", "send_product_details", "{}", "resp_a"), 0)
-    waiting.on_realtime(response_done("resp_a"), 0)
+    feed(waiting, response_created("resp_a"), 0)
+    feed(waiting, function_call("call_1", "send_product_details", "{}", "resp_a"), 0)
+    feed(waiting, response_done("resp_a"), 0)
     advance(waiting, 1_000)  # the tool's one-moment line
-    waiting.on_realtime(aside_created("resp_wait"), 1_000)
-    waiting.on_realtime(response_done("resp_wait"), 1_000)
+    feed(waiting, aside_created("resp_wait"), 1_000)
+    feed(waiting, response_done("resp_wait"), 1_000)
     assert realtime_events(advance(waiting, 60_000)) == [], "a tool running for a minute is not idleness"
 
 
@@ -989,9 +980,9 @@ def test_idle_questions_are_off_at_zero() -> None:
 
 def call_with_a_running_tool(now_ms: int = 100) -> Call:
     call = new_call()
-    call.on_realtime(response_created("resp_a"), now_ms)
-    call.on_realtime(function_call("call_1", "send_product_details", '{"skus":["A"]}', "resp_a"), now_ms)
-    call.on_realtime(response_done("resp_a"), now_ms + 20)
+    feed(call, response_created("resp_a"), now_ms)
+    feed(call, function_call("call_1", "send_product_details", '{"skus":["A"]}', "resp_a"), now_ms)
+    feed(call, response_done("resp_a"), now_ms + 20)
     return call
 
 
@@ -1012,7 +1003,7 @@ def test_a_tool_silent_for_a_second_gets_one_line_said_out_of_band() -> None:
     assert response["metadata"] == {"purpose": "tool_wait"}
     assert f'"{en.LINES.one_moment_words}"' in response["instructions"]
     assert any(isinstance(a, Note) and a.event == "tool_wait_line" for a in actions)
-    call.on_realtime(aside_created("resp_wait"), 1_150)
+    feed(call, aside_created("resp_wait"), 1_150)
     speak_and_play(call, "item_wait", "resp_wait", 1_150)
     assert realtime_events(advance(call, 10_000)) == [], "never a second line for the same tool"
     assert call.record(10_000)["tool_wait_lines"] == 1
@@ -1023,8 +1014,8 @@ def test_a_tool_that_answers_within_the_second_gets_no_line() -> None:
     actions = call.on_tool_result("call_1", ToolResult("{}"), 900)
     [answer] = of_type(realtime_events(actions), "response.create")
     assert "response" not in answer, "the follow-up is a plain response in the conversation"
-    call.on_realtime(response_created("resp_b"), 950)
-    call.on_realtime(response_done("resp_b"), 960)
+    feed(call, response_created("resp_b"), 950)
+    feed(call, response_done("resp_b"), 960)
     assert realtime_events(advance(call, 5_000)) == []
     assert call.record(2_000)["tool_wait_lines"] == 0
 
@@ -1032,10 +1023,10 @@ def test_a_tool_that_answers_within_the_second_gets_no_line() -> None:
 def test_the_tools_output_still_gets_its_own_response_once_the_line_is_done() -> None:
     call = call_with_a_running_tool()
     advance(call, 1_100)
-    call.on_realtime(aside_created("resp_wait"), 1_110)
+    feed(call, aside_created("resp_wait"), 1_110)
     events = realtime_events(call.on_tool_result("call_1", ToolResult('{"sent":true}'), 1_200))
     assert [e["type"] for e in events] == ["conversation.item.create"], "not while the line is said"
-    events = realtime_events(call.on_realtime(response_done("resp_wait"), 1_300))
+    events = realtime_events(feed(call, response_done("resp_wait"), 1_300))
     [follow_up] = of_type(events, "response.create")
     assert "response" not in follow_up
 
@@ -1043,8 +1034,8 @@ def test_the_tools_output_still_gets_its_own_response_once_the_line_is_done() ->
 def test_the_line_waits_for_the_bots_own_words_to_end() -> None:
     call = new_call()
     names = marks(speak(call, "item_a", "resp_a", 200, 0))
-    call.on_realtime(function_call("call_1", "send_product_details", "{}", "resp_a"), 10)
-    call.on_realtime(response_done("resp_a"), 20)
+    feed(call, function_call("call_1", "send_product_details", "{}", "resp_a"), 10)
+    feed(call, response_done("resp_a"), 20)
     echo(call, names, 200)
     assert call.next_deadline() == 200 + 1_000
 
@@ -1052,9 +1043,9 @@ def test_the_line_waits_for_the_bots_own_words_to_end() -> None:
 def test_barge_in_over_the_line_stops_it_without_touching_the_conversation() -> None:
     call = call_with_a_running_tool()
     advance(call, 1_100)
-    call.on_realtime(aside_created("resp_wait"), 1_110)
-    call.on_realtime(delta("item_wait", "resp_wait", 200), 1_110)
-    actions = call.on_realtime(speech_started(), 1_150)
+    feed(call, aside_created("resp_wait"), 1_110)
+    feed(call, delta("item_wait", "resp_wait", 200), 1_110)
+    actions = feed(call, speech_started(), 1_150)
     assert of_type(twilio_frames(actions), "clear")
     events = realtime_events(actions)
     assert of_type(events, "conversation.item.truncate") == of_type(events, "conversation.item.delete") == []

@@ -115,3 +115,7 @@ def test_the_sms_warning_names_only_what_is_missing() -> None:
     disabled = load_settings(env, dotenv=None).disabled_features()
     assert disabled["sms"].startswith("TWILIO_FROM_NUMBER is not set:")
     assert "twilio_signature_check" not in disabled
+def test_requiring_signed_upgrades_without_the_auth_token_to_check_them_stops_start_up() -> None:
+    with pytest.raises(SettingsError, match="REQUIRE_UPGRADE_SIGNATURE needs TWILIO_AUTH_TOKEN"):
+        load_settings({"REQUIRE_UPGRADE_SIGNATURE": "true"}, dotenv=None)
+    assert load_settings({}, dotenv=None).require_upgrade_signature is False

@@ -1,3 +1,5 @@
+import pytest
+
 from bot.stream_token import check_stream_token, mint_stream_token
 
 KEY = b"k" * 32
@@ -36,3 +38,12 @@ def test_an_extended_expiry_breaks_the_signature() -> None:
     version, expiry, mac = token.split(".")
     forged = f"{version}.{int(expiry) + 3600}.{mac}"
     assert check_stream_token(KEY, forged, "CA1", NOW + 500) == "bad_signature"
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["v1.²³.abc", "v1.١٢٣.abc", "v1.1800000000.é" + "0" * 63, "v1." + "9" * 400 + ".abc", "v1.-5.abc"],
+    ids=["superscript-digits", "arabic-digits", "non-ascii-mac", "huge-expiry", "negative-expiry"],
+)
+def test_a_token_with_anything_but_ascii_digits_and_hex_is_malformed_not_an_error(token: str) -> None:
+    assert check_stream_token(KEY, token, "CA1", NOW) == "malformed"

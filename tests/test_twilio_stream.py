@@ -60,7 +60,7 @@ def test_start_parses_identity_parameters_and_format() -> None:
 
 def test_start_without_call_sid_is_a_violation() -> None:
     message = parse_message(frame(event="start", streamSid=SID, start={"streamSid": SID}))
-    assert message == ProtocolViolation("bad_field", "start: bad or missing callSid")
+    assert message == ProtocolViolation("bad_field", "start: bad or missing callSid", "start")
 
 
 def test_media_parses_timestamp_and_decodes_audio_once() -> None:
@@ -85,7 +85,7 @@ def test_media_with_invalid_base64_is_a_bad_payload() -> None:
 
 def test_media_with_a_non_numeric_timestamp_is_a_bad_field() -> None:
     text = frame(event="media", streamSid=SID, media={"timestamp": "soon", "payload": ""})
-    assert parse_message(text) == ProtocolViolation("bad_field", "media: bad or missing timestamp")
+    assert parse_message(text) == ProtocolViolation("bad_field", "media: bad or missing timestamp", "media")
 
 
 def test_mark_dtmf_and_stop_parse() -> None:
@@ -116,6 +116,89 @@ def test_junk_becomes_a_violation_value_not_an_exception(text: str | bytes, kind
     message = parse_message(text)
     assert isinstance(message, ProtocolViolation)
     assert message.kind == kind
+
+
+def media_frame(**media: object) -> str:
+    return frame(event="media", streamSid=SID, media={"timestamp": "0", "payload": "", **media})
+
+
+@pytest.mark.parametrize("payload", ["éAAA", "AAA", "A\u0000AA", "////" * 10 + "//", "\ud800AAA"])
+def test_non_ascii_or_truncated_base64_is_a_bad_payload(payload: str) -> None:
+    message = parse_message(media_frame(payload=payload))
+    assert isinstance(message, ProtocolViolation) and message.kind == "bad_payload"
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    ["²", "٣", "-20", "20.0", "1e3", "9" * 400, 20.0, -1, 10**400, True, None, [20], float("nan")],
+)
+def test_a_timestamp_that_is_not_ascii_digits_is_a_bad_field(timestamp: object) -> None:
+    text = json.dumps(
+        {"event": "media", "streamSid": SID, "media": {"timestamp": timestamp, "payload": ""}}
+    )
+    message = parse_message(text)
+    assert isinstance(message, ProtocolViolation) and message.kind == "bad_field"
+
+
+def start_frame(**start: object) -> str:
+    fields: dict[str, object] = {
+        "streamSid": SID,
+        "callSid": CALL,
+        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+    }
+    return frame(event="start", streamSid=SID, start={**fields, **start})
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        {"mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": "²", "channels": 1}},
+        {"mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": "¹"}},
+        {"mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000.5, "channels": 1}},
+        {"mediaFormat": {"encoding": 7, "sampleRate": 8000, "channels": 1}},
+        {"customParameters": {"token": {"nested": "value"}}},
+        {"customParameters": ["token"]},
+        {"tracks": "inbound"},
+        {"tracks": [1, 2]},
+        {"accountSid": ["AC"]},
+    ],
+    ids=["sample-rate", "channels", "fractional-rate", "encoding", "nested-param", "param-list", "tracks-str",
+         "tracks-ints", "account-sid"],
+)
+def test_a_start_with_a_mistyped_field_is_a_violation_of_start(start: dict[str, object]) -> None:
+    message = parse_message(start_frame(**start))
+    assert isinstance(message, ProtocolViolation)
+    assert (message.kind, message.event) == ("bad_field", "start")
+
+
+def test_a_start_gives_the_media_format_as_sent() -> None:
+    fmt = {"encoding": "audio/x-alaw", "sampleRate": "16000", "channels": 2}
+    message = parse_message(start_frame(mediaFormat=fmt))
+    assert isinstance(message, Start) and message.media_format == MediaFormat("audio/x-alaw", 16000, 2)
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("[" * 2000 + "]" * 2000, "too_deep"),
+        ('{"event": "media", "media": ' * 20 + "{}" + "}" * 20, "too_deep"),
+        ("{" + '"a": 1, ' * 20_000 + '"event": "mark"}', "too_large"),
+        ('{"event": {"a": 1}}', "unknown_event"),
+        ('{"event": ["media"]}', "unknown_event"),
+        ('{"event": "stop", "streamSid": 5}', "bad_field"),
+        ('{"event": "media", "streamSid": "MZ", "media": {"payload": null}}', "bad_field"),
+        ('{"event": "media", "media": NaN}', "bad_field"),
+        ('{"event": "connected", "protocol": Infinity}', None),
+    ],
+    ids=["deep-arrays", "deep-objects", "too-large", "event-object", "event-list", "stop-sid-int",
+         "payload-null", "media-nan", "connected-infinity"],
+)
+def test_hostile_json_is_a_violation_value_never_an_exception(text: str, kind: str | None) -> None:
+    message = parse_message(text)
+    if kind is None:
+        assert message == Connected("", "")
+    else:
+        assert isinstance(message, ProtocolViolation) and message.kind == kind
 
 
 def test_outbound_frames_are_the_documented_json() -> None:
