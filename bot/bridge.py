@@ -33,6 +33,7 @@ from bot.call import (
     FRAME_MS,
     Action,
     Call,
+    ClearTwilio,
     HangUp,
     Note,
     Reconnect,
@@ -409,6 +410,8 @@ class CallBridge:
         uplink = self._uplink
         while True:
             message = await ws.receive()
+            # Stamped as received, before any work: a mark counts from when it came back.
+            now = self._now_ms()
             if message["type"] == "websocket.disconnect":
                 self._finish("twilio_closed")
                 return
@@ -419,7 +422,7 @@ class CallBridge:
                     continue
                 if self._closing:
                     continue
-                for action in call.on_media(parsed, self._now_ms()):
+                for action in call.on_media(parsed, now):
                     if uplink.put(action):
                         self.stats.uplink_frames_dropped += 1
             elif isinstance(parsed, ProtocolViolation):
@@ -433,7 +436,7 @@ class CallBridge:
                 self._finish("twilio_stop")
                 return
             else:
-                self._dispatch(call.on_twilio(parsed, self._now_ms()))
+                self._dispatch(call.on_twilio(parsed, now))
 
     def _on_junk(self, kind: str) -> None:
         self.stats.junk_frames[kind] += 1
@@ -498,13 +501,16 @@ class CallBridge:
         if self._closing:
             return
         for action in actions:
-            if isinstance(action, ToTwilio):
+            if type(action) is ToTwilio:
                 self._to_twilio(action.text)
             elif isinstance(action, ToRealtime):
                 if self._uplink.put(action):
                     self.stats.uplink_frames_dropped += 1
             elif isinstance(action, Note):
                 self._log_note(action)
+            elif isinstance(action, ClearTwilio):
+                self._down.clear()
+                self._to_twilio(action.text)
             elif isinstance(action, RunTool):
                 task = self._task("tool", self._run_tool(action))
                 self._tool_tasks.add(task)

@@ -105,6 +105,12 @@ class ToTwilio:
 
 
 @dataclass(slots=True)
+class ClearTwilio(ToTwilio):
+    """Twilio's `clear`: frames still waiting to be written are dropped, not sent before it (Twilio
+    would flush them anyway), so it goes out at once and stops the bot where the caller is."""
+
+
+@dataclass(slots=True)
 class ToRealtime:
     """A client event (JSON text) for the Realtime socket; `audio` frames may be dropped."""
 
@@ -153,7 +159,7 @@ class Note:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-Action = ToTwilio | ToRealtime | RunTool | Transfer | HangUp | RotateSession | Reconnect | Note
+Action = ToTwilio | ClearTwilio | ToRealtime | RunTool | Transfer | HangUp | RotateSession | Reconnect | Note
 
 
 # --- records --------------------------------------------------------------------------
@@ -865,7 +871,7 @@ class Call:
 
     def _interrupt(self, now_ms: int, *, truncate: bool) -> list[Action]:
         """Stop the bot mid-sentence: flush Twilio and make the history match what was heard."""
-        actions: list[Action] = [ToTwilio(self.out.clear())]
+        actions: list[Action] = [ClearTwilio(self.out.clear())]
         heard_report: dict[str, int] = {}
         for item in self._playing.values():
             received_ms = item.received_bytes // self._model_bytes_per_ms

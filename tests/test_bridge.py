@@ -431,6 +431,8 @@ async def test_a_dtmf_storm_transfers_once_after_the_connecting_line(stack: Stac
 
 
 async def test_barge_in_truncates_at_what_the_phone_really_played_within_one_frame(stack: Stack) -> None:
+    """The phone stamps what it played where the bytes arrive (bot.sim.phone), the bridge where its
+    readers receive them; the caller talks over the bot in real time, as callers do."""
     stack.realtime.scenario = Scenario(
         greeting="Hi there!", turns=[Turn(say="A long answer.", audio_ms=6000)]
     )
@@ -438,6 +440,7 @@ async def test_barge_in_truncates_at_what_the_phone_really_played_within_one_fra
         await greeted(call)
         await call.say(WASHERS)
         await call.wait_for_audio(10.0, min_ms=1500)
+        call.pace = True
         await call.say(WASHERS)
         await until(lambda: bool(stack.realtime.sessions[0].truncations))
         [(item_id, content_index, audio_end_ms)] = stack.realtime.sessions[0].truncations

@@ -8,6 +8,12 @@ when the audio queued before it has played and `clear` flushes the buffer and ec
 at once. Every event is timestamped (seconds since dial) for latency measurements, and what the
 caller heard can be written as a WAV.
 
+Time on the phone is the time bytes cross the wire, not the time this process gets round to
+them: a message is stamped when its frame is read off the socket (before any task handles it),
+audio starts playing and a `clear` takes effect at that instant, and each mark is echoed when
+playback reaches it, by its own timer. So what the phone reports having played stays true on a
+loaded machine, where handling a message can lag its arrival by tens of milliseconds.
+
 One task reads, one task sends paced frames; per-frame work is a string format and a base64 call,
 so one process can hold hundreds of calls (the load benchmark).
 """
@@ -36,6 +42,8 @@ import numpy as np
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import DATA_OPCODES, Frame
+from websockets.protocol import Event
 
 from bot.cli import CommandParser, positive_int
 from bot.settings import SettingsError, load_settings
@@ -180,6 +188,22 @@ class _PendingMark:
     received_t: float
 
 
+class _StampedConnection(ClientConnection):
+    """A client connection that notes when each message's last frame came off the socket.
+
+    `process_event` runs in the protocol callback, as the bytes are parsed, before any task
+    reads the message; `arrivals` holds one monotonic time per message, in order."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.arrivals: deque[float] = deque()
+
+    def process_event(self, event: Event) -> None:
+        if isinstance(event, Frame) and event.fin and event.opcode in DATA_OPCODES:
+            self.arrivals.append(time.monotonic())
+        super().process_event(event)
+
+
 def speech_end_offset(ulaw: bytes) -> int:
     """Byte offset just after the last 20 ms frame louder than SPEECH_RMS_THRESHOLD.
 
@@ -286,11 +310,13 @@ class PhoneCall:
         self.close_reason = ""
         self.stream_error: str | None = None
         self._t0 = t0
-        self._pace = pace
+        self.pace = pace
         self._record_frames = record_frames
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
+        self._mark_echoer: asyncio.Task[None] | None = None
+        self._marks_changed = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._closed = asyncio.Event()
         self._reading = asyncio.Event()
@@ -528,6 +554,7 @@ class PhoneCall:
         try:
             self._ws = await connect(
                 url,
+                create_connection=_StampedConnection,
                 additional_headers=headers,
                 user_agent_header=STREAM_USER_AGENT,
                 compression=None,
@@ -545,6 +572,9 @@ class PhoneCall:
             return
         self._event("in", "open", url)
         self._reader = asyncio.create_task(self._read(), name=f"phone-read-{self.call_sid}")
+        self._mark_echoer = asyncio.create_task(
+            self._echo_marks_on_time(), name=f"phone-marks-{self.call_sid}"
+        )
         connected = {"event": "connected", "protocol": "Call", "version": "1.0.0"}
         with contextlib.suppress(CallEnded):  # the reader records an app that closes at once
             await self._send(json.dumps(connected), "connected", "")
@@ -600,7 +630,7 @@ class PhoneCall:
         next_due = self._stream_start
         try:
             while True:
-                if self._pace or not self._outbox:
+                if self.pace or not self._outbox:
                     delay = next_due - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
@@ -625,8 +655,6 @@ class PhoneCall:
             item.offset = offset + FRAME_BYTES
             payload = base64.b64encode(frame).decode("ascii")
         async with self._send_lock:
-            if self._pending_marks and self._pending_marks[0].due_sample <= self._now_sample():
-                await self._echo_marks(cleared=False)
             self._seq += 1
             self._chunk += 1
             text = _MEDIA_TEMPLATE % (
@@ -671,19 +699,42 @@ class PhoneCall:
             echoed_t = time.monotonic() - self._t0
             self.marks.append(MarkEcho(mark.name, mark.received_t, echoed_t, self.heard_ms(), cleared))
 
-    async def _read(self) -> None:
-        assert self._ws is not None
+    async def _echo_marks_on_time(self) -> None:
+        """Echoes each mark when playback reaches it, as Twilio does (not on the 20 ms pump)."""
+        changed = self._marks_changed
         try:
-            async for message in self._ws:
+            while True:
+                changed.clear()
+                if not self._pending_marks:
+                    await changed.wait()
+                    continue
+                due_s = self._t0 + self._pending_marks[0].due_sample / TWILIO_RATE_HZ - time.monotonic()
+                if due_s > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), due_s)
+                    continue
+                async with self._send_lock:
+                    await self._echo_marks(cleared=False)
+        except (ConnectionClosed, CallEnded):
+            return
+
+    async def _read(self) -> None:
+        ws = self._ws
+        assert isinstance(ws, _StampedConnection)
+        try:
+            async for message in ws:
+                arrived = ws.arrivals.popleft()
                 if not self._reading.is_set():
                     await self._reading.wait()
-                await self._handle(message)
+                    arrived = time.monotonic()
+                await self._handle(message, arrived)
         except (ConnectionClosed, CallEnded):
             pass
         finally:
             self._on_closed()
 
-    async def _handle(self, message: str | bytes) -> None:
+    async def _handle(self, message: str | bytes, arrived: float) -> None:
+        """One message from the app; `arrived` is when its bytes came off the socket."""
         if isinstance(message, bytes):
             self._protocol_error(f"binary frame of {len(message)} bytes")
             return
@@ -704,11 +755,11 @@ class PhoneCall:
             return
         try:
             if event == "media":
-                self._play(base64.b64decode(msg["media"]["payload"], validate=True))
+                self._play(base64.b64decode(msg["media"]["payload"], validate=True), arrived)
             elif event == "mark":
-                await self._on_mark(msg["mark"]["name"])
+                self._on_mark(msg["mark"]["name"], arrived)
             else:
-                await self._on_clear()
+                await self._on_clear(arrived)
         except (KeyError, TypeError, binascii.Error) as exc:
             self._protocol_error(f"malformed {event}: {type(exc).__name__} {exc}")
 
@@ -717,12 +768,12 @@ class PhoneCall:
         self.protocol_errors.append(what)
         self._event("in", "protocol_error", what)
 
-    def _play(self, audio: bytes) -> None:
+    def _play(self, audio: bytes, arrived: float) -> None:
         if self._end_sample is not None or not audio:
             return
         if audio[:4] == b"RIFF":
             self._protocol_error("media payload starts with a WAV header")
-        now_mono = time.monotonic()
+        now_mono = arrived
         now = int((now_mono - self._t0) * TWILIO_RATE_HZ)
         start = max(now, self._play_end_sample)
         self._played.append((start, audio))
@@ -739,18 +790,15 @@ class PhoneCall:
         if self._waiters:
             self._wake()
 
-    async def _on_mark(self, name: object) -> None:
+    def _on_mark(self, name: object, arrived: float) -> None:
         if not isinstance(name, str):
             raise TypeError(f"mark name {name!r} is not a string")
         self._event("in", "mark", name)
-        t = time.monotonic() - self._t0
-        self._pending_marks.append(_PendingMark(self._play_end_sample, name, t))
-        if self._play_end_sample <= self._now_sample():
-            async with self._send_lock:
-                await self._echo_marks(cleared=False)
+        self._pending_marks.append(_PendingMark(self._play_end_sample, name, arrived - self._t0))
+        self._marks_changed.set()
 
-    async def _on_clear(self) -> None:
-        now = self._now_sample()
+    async def _on_clear(self, arrived: float) -> None:
+        now = int((arrived - self._t0) * TWILIO_RATE_HZ)
         dropped = max(0, self._play_end_sample - now)
         if dropped:
             while self._played and self._played[-1][0] >= now:
@@ -761,6 +809,7 @@ class PhoneCall:
             self._cleared_bytes += dropped
             self._play_end_sample = now
         self._event("in", "clear", f"{dropped / BYTES_PER_MS:.0f}ms")
+        self._marks_changed.set()
         async with self._send_lock:
             await self._echo_marks(cleared=True)
 
@@ -775,6 +824,8 @@ class PhoneCall:
         self._event("in", "close", f"{self.close_code} {self.close_reason}".strip())
         if self._sender is not None:
             self._sender.cancel()
+        if self._mark_echoer is not None:
+            self._mark_echoer.cancel()
         ended = CallEnded(f"stream closed ({self.close_code})")
         while self._outbox:
             item = self._outbox.popleft()
@@ -784,9 +835,11 @@ class PhoneCall:
         self._wake()
 
     async def _stop_sender(self) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
-            await asyncio.wait([self._sender])
+        """Stops the media and the mark echoes: nothing follows the caller's `stop`."""
+        for task in (self._sender, self._mark_echoer):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
 
 
 async def _place_call(
@@ -895,7 +948,8 @@ def dial(
     posted to; `sign_stream` (default: `sign`) controls the signature on the WebSocket upgrade. With
     `start_stream=False` only `connected` is sent until `send_start()`; `custom_parameters`
     replaces the TwiML `<Parameter>`s in `start`. `pace=False` sends queued audio as fast as
-    possible; `record_frames=False` skips one event per outgoing frame (long load tests).
+    possible (the call's `pace` attribute can change it later, e.g. to talk over the bot in real
+    time); `record_frames=False` skips one event per outgoing frame (long load tests).
     Pass a shared `http` client when placing many calls. `before_stream` runs between the
     webhook's answer and the stream's upgrade, as the gap between Twilio's two requests (a test
     can steer each to a different server process there).
