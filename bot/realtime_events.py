@@ -253,8 +253,8 @@ def _error(data: dict[str, Any]) -> ServerError:
     error = _obj(data, "error")
     return ServerError(
         code=_optional_str(error, "code"),
-        type=_optional_str(error, "type") or "",
-        message=(_optional_str(error, "message") or "")[:200],
+        type=_str(error, "type"),
+        message=_str(error, "message")[:200],
         client_event_id=_optional_str(error, "event_id"),
     )
 

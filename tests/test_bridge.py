@@ -514,6 +514,30 @@ async def test_a_recoverable_realtime_error_is_logged_and_the_call_goes_on(stack
     assert len(stack.realtime.sessions) == 1
 
 
+async def test_malformed_realtime_events_are_counted_and_the_call_goes_on(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack.realtime.malformed_event_rate = 0.5
+    async with stack.dial(pace=False) as call:
+        await greeted(call)
+        await call.say(WASHERS)
+        await call.wait_for_audio(10.0)
+        await call.wait_until_quiet(400, 10.0)
+        assert call.connected
+    await stack.ended()
+    junk = stack.deps.stats.realtime_junk_events
+    assert stack.realtime.malformed_events_sent > 20
+    assert 0 < sum(junk.values()) <= stack.realtime.malformed_events_sent
+    assert set(junk) <= {"binary", "not_json", "not_object", "too_deep", "no_type", "bad_field"}
+    assert [name for name, _, _ in stack.toolbox.calls] == ["search_products"]
+    assert len(stack.realtime.sessions) == 1
+    record = stack.sink.records[0]["record"]
+    assert record["end_reason"] == "twilio_stop"
+    said = [turn["text"] for turn in record["transcript"] if turn["role"] == "assistant"]
+    assert said == ["Hi there!", "We have two washers."]
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 async def test_session_expired_takes_the_reconnect_path(stack: Stack) -> None:
     async with stack.dial() as call:
         await greeted(call)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from bot.realtime_events import (
     SpeechStopped,
     parse_server_event,
 )
+from bot.sim.realtime import malformed_copy
 
 SERVER_EVENT: TypeAdapter[RealtimeServerEvent] = TypeAdapter(RealtimeServerEvent)
 AUDIO = bytes(range(96))
@@ -244,3 +246,10 @@ def test_a_ga_event_with_any_field_replaced_by_any_json_parses_or_is_a_value(
 @given(st.text() | st.binary())
 def test_any_frame_parses_or_is_a_value(frame: str | bytes) -> None:
     parse_server_event(frame)
+
+
+@given(st.sampled_from(GA_EVENTS), st.randoms(use_true_random=False))
+def test_every_malformed_copy_the_simulator_makes_of_an_event_the_call_uses_is_malformed(
+    pair: tuple[dict[str, Any], object], rng: random.Random
+) -> None:
+    assert isinstance(parse_server_event(malformed_copy(pair[0], rng)), Malformed)

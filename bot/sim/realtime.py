@@ -9,7 +9,7 @@ from one host. A browser authenticates as it does with OpenAI: the client secret
 subprotocol `openai-insecure-api-key.<secret>`, offered with `realtime`. What the model says and
 which tools it calls come from a `Scenario`: an ordered list of turns. Fault switches on
 `RealtimeSimulator` drop the socket, delay events, inject errors, refuse handshakes and client
-secrets, and close sessions.
+secrets, close sessions, and follow events with malformed copies of themselves.
 
 How a `response.create` (or the VAD's automatic response) picks what to say, per session:
 0. an out-of-band response (`conversation: "none"`) leaves the script and the conversation as
@@ -36,6 +36,7 @@ import http
 import json
 import logging
 import math
+import random
 import re
 import secrets
 import signal
@@ -666,6 +667,32 @@ class _SessionEnded(Exception):
     """The socket is gone (closed, or dropped by a fault switch): stop producing events."""
 
 
+_WRONG_TYPES: tuple[Any, ...] = (None, 12, -1, 1.5, float("inf"), float("nan"), 10**30, True, [], {}, ["x"])
+_DEEP_NESTING = 3000
+
+
+def malformed_copy(event: Json, rng: random.Random) -> str | bytes:
+    """A broken copy of a server event, as a faulty server or network might deliver it: cut short,
+    binary, not an object, nested past any sane depth, without a usable type, or with every field
+    but its type mistyped (an audio delta's base64 non-ASCII). Never a valid event: a client that
+    acted on it would play, cut or answer twice."""
+    text = json.dumps(event)
+    fields = [key for key in event if key not in ("type", "event_id")]
+    kind = rng.randrange(6 if fields else 5)
+    if kind == 0:
+        return text[: rng.randrange(1, len(text))]
+    if kind == 1:
+        return text.encode()
+    if kind == 2:
+        return json.dumps([event])
+    if kind == 3:
+        return '{"type": ' + "[" * _DEEP_NESTING + "]" * _DEEP_NESTING + "}"
+    if kind == 4:
+        return json.dumps({**event, "type": rng.choice(_WRONG_TYPES)})
+    broken = {key: "éAAA" if key == "delta" else rng.choice(_WRONG_TYPES) for key in fields}
+    return json.dumps({**event, **broken})
+
+
 def _settle_response_task(task: asyncio.Task[None]) -> None:
     """A reply cut short by the client hanging up is normal; any other failure is logged once."""
     if task.cancelled():
@@ -756,6 +783,9 @@ class _Connection:
                 raise _SessionEnded
             try:
                 await self.ws.send(json.dumps(event))
+                if self.sim.malformed_event_rate and self.sim.fuzz.random() < self.sim.malformed_event_rate:
+                    await self.ws.send(malformed_copy(event, self.sim.fuzz))
+                    self.sim.malformed_events_sent += 1
             except ConnectionClosed:
                 raise _SessionEnded from None
             if self.sim.drop_after_events is not None:
@@ -1536,7 +1566,9 @@ class RealtimeSimulator:
     Fault switches (settable any time): `drop_after_events` resets the TCP connection after that
     many more server events; `event_delay_s` delays every server event; `read_delay_s` slows the
     reading of client events; `reject_handshake_status` refuses new connections with that HTTP
-    status, and `reject_client_secrets_status` new client secrets; `inject_error()` and
+    status, and `reject_client_secrets_status` new client secrets; `malformed_event_rate` follows
+    that share of server events with a `malformed_copy` (drawn from the seeded `fuzz`, counted in
+    `malformed_events_sent`); `inject_error()` and
     `close_with()` act on open sessions.
     """
 
@@ -1558,6 +1590,9 @@ class RealtimeSimulator:
         self.read_delay_s = 0.0
         self.reject_handshake_status: int | None = None
         self.reject_client_secrets_status: int | None = None
+        self.malformed_event_rate = 0.0
+        self.malformed_events_sent = 0
+        self.fuzz = random.Random(0)
         self.sessions: list[SimSession] = []
         self.client_secret_requests: list[Json] = []
         self._clock = clock
