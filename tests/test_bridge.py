@@ -1,6 +1,6 @@
 """The bridge over real sockets: the simulated phone dials a small app that mounts
 `serve_media_stream`, the Realtime simulator plays the model and the Twilio API simulator takes
-call updates. Each test is one behaviour of RELIABILITY.md rows 3-14, 24, 25 and 28."""
+call updates. Each test is one behaviour of docs/reliability.md rows 3-14, 24, 25 and 28."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
+from twilio.request_validator import RequestValidator
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from bot.bridge import BridgeDeps, serve_media_stream
 from bot.settings import PACKAGE_DIR, Settings
@@ -219,6 +222,18 @@ async def test_a_close_without_stop_ends_the_call_the_same_way(stack: Stack) -> 
     assert stack.realtime.open_connections == 0
 
 
+async def test_a_stop_without_a_close_ends_the_call_and_the_app_closes_the_socket(stack: Stack) -> None:
+    call = await stack.dial()
+    await greeted(call)
+    await call.hang_up(close=False)
+    await call.wait_closed(3.0)
+    await stack.ended()
+    assert call.close_code == 1000
+    assert stack.sink.records[0]["record"]["end_reason"] == "twilio_stop"
+    assert stack.realtime.open_connections == 0
+    assert bridge_tasks() == []
+
+
 async def test_hanging_up_mid_tool_call_still_finishes_the_tool(stack: Stack) -> None:
     started, finished = asyncio.Event(), asyncio.Event()
     run = stack.toolbox.run
@@ -282,6 +297,43 @@ async def test_an_unsigned_upgrade_is_accepted_on_the_strength_of_the_stream_tok
     assert stack.deps.stats.stream_rejected == {}
 
 
+REQUIRE_SIGNED_UPGRADES = {"REQUIRE_UPGRADE_SIGNATURE": "true"}
+
+
+@pytest.mark.parametrize("stack", [REQUIRE_SIGNED_UPGRADES], indirect=True)
+async def test_with_signatures_required_an_unsigned_upgrade_is_refused_before_anything_opens(
+    stack: Stack,
+) -> None:
+    call = await stack.dial(sign_stream=False)
+    assert call.stream_error == "HTTP 403"
+    assert stack.deps.stats.stream_rejected == {"unsigned_upgrade": 1}
+    assert stack.realtime.sessions == []
+
+
+@pytest.mark.parametrize("stack", [REQUIRE_SIGNED_UPGRADES], indirect=True)
+async def test_with_signatures_required_the_upgrade_must_be_signed_over_its_wss_url(stack: Stack) -> None:
+    """Twilio signs `wss://host/path`: the same signature over the https URL is refused."""
+    ws_url = stack.base_url.replace("http://", "ws://") + "/media-stream"
+    validator = RequestValidator(stack.twilio_api.auth_token)
+    statuses = []
+    for signed in (ws_url, ws_url.replace("ws://", "http://")):
+        headers = {"X-Twilio-Signature": validator.compute_signature(signed, {})}
+        try:
+            async with connect(ws_url, additional_headers=headers, open_timeout=3):
+                statuses.append(101)
+        except InvalidStatus as exc:
+            statuses.append(exc.response.status_code)
+    assert statuses == [101, 403]
+    assert stack.deps.stats.stream_rejected == {"bad_upgrade_signature": 1}
+
+
+@pytest.mark.parametrize("stack", [REQUIRE_SIGNED_UPGRADES], indirect=True)
+async def test_with_signatures_required_a_signed_call_goes_through(stack: Stack) -> None:
+    async with stack.dial() as call:
+        await greeted(call)
+    assert stack.deps.stats.stream_rejected == {}
+
+
 async def test_an_expired_token_for_this_call_closes_1008(stack: Stack) -> None:
     stack.deps.wall_clock = lambda: time.time() + 1000
     call = await stack.dial()
@@ -330,6 +382,46 @@ async def test_a_duplicate_start_is_ignored(stack: Stack) -> None:
         assert call.connected
     await stack.ended()
     assert len(stack.realtime.sessions) == 1
+
+
+def foreign(call: PhoneCall, event: str, **fields: Any) -> str:
+    """A message naming a stream other than the call's own."""
+    return json.dumps({"event": event, "streamSid": "MZ" + "f" * 32, **fields})
+
+
+async def test_a_start_for_another_stream_mid_call_is_ignored_and_opens_nothing(stack: Stack) -> None:
+    async with stack.dial() as call:
+        await greeted(call)
+        start = {
+            "streamSid": "MZ" + "f" * 32,
+            "callSid": call.call_sid,
+            "accountSid": call.account_sid,
+            "customParameters": dict(call.dial.parameters),
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        }
+        await call.send_raw(foreign(call, "start", start=start))
+        await asyncio.sleep(0.3)
+        assert call.connected
+    await stack.ended()
+    assert stack.deps.stats.junk_frames == {"foreign_stream": 1}
+    assert len(stack.realtime.sessions) == 1
+
+
+async def test_a_stop_mark_or_dtmf_for_another_stream_neither_ends_nor_steers_the_call(stack: Stack) -> None:
+    async with stack.dial() as call:
+        await greeted(call)
+        await call.send_raw(foreign(call, "stop", stop={"callSid": call.call_sid}))
+        await call.send_raw(foreign(call, "dtmf", dtmf={"digit": "0"}))
+        await call.send_raw(foreign(call, "mark", mark={"name": "0:99999:item_x"}))
+        await asyncio.sleep(0.3)
+        assert call.connected
+        appends = stack.realtime.sessions[0].audio_appends
+        await asyncio.sleep(0.2)
+        assert stack.realtime.sessions[0].audio_appends > appends
+    await stack.ended()
+    assert stack.deps.stats.junk_frames == {"foreign_stream": 3}
+    assert stack.twilio_api.call_updates == []
+    assert stack.sink.records[0]["record"]["end_reason"] == "twilio_stop"
 
 
 async def test_a_second_stream_for_the_same_call_is_refused(stack: Stack) -> None:
@@ -396,9 +488,8 @@ async def test_a_flood_of_garbage_closes_the_stream_with_1008(stack: Stack) -> N
 async def test_an_oversized_message_closes_1009_and_other_calls_go_on(stack: Stack) -> None:
     async with stack.dial() as other:
         await greeted(other)
-        call = await stack.dial()
-        await greeted(call)
-        await call.send_raw("x" * (1024 * 1024))
+        call = await stack.dial(start_stream=False)
+        await call.send_oversized(1024 * 1024)
         await call.wait_closed(3.0)
         assert call.close_code == 1009
         await asyncio.sleep(0.2)
@@ -538,6 +629,51 @@ async def test_malformed_realtime_events_are_counted_and_the_call_goes_on(
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+async def test_an_unknown_parameter_error_is_logged_with_its_code_and_the_call_goes_on(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bot.bridge")
+    async with stack.dial() as call:
+        await greeted(call)
+        stack.realtime.inject_error("unknown_parameter", "Unknown parameter: 'session.temperature'.")
+        await until(lambda: any(getattr(r, "code", None) == "unknown_parameter" for r in caplog.records))
+        appends = stack.realtime.sessions[0].audio_appends
+        await asyncio.sleep(0.2)
+        assert call.connected
+        assert stack.realtime.sessions[0].audio_appends > appends
+    assert len(stack.realtime.sessions) == 1
+    assert stack.deps.stats.realtime_reconnects == 0
+
+
+def restored_items(stack: Stack, session: int) -> list[tuple[str | None, str]]:
+    """(role or type, text or name) of the conversation items a session was seeded with."""
+    items = [e["item"] for e in client_events(stack, session) if e["type"] == "conversation.item.create"]
+    return [
+        (item.get("role"), item["content"][0]["text"]) if item["type"] == "message" else (item["type"], "")
+        for item in items
+    ]
+
+
+async def test_a_close_with_1001_takes_the_rollover_path_and_keeps_the_conversation(stack: Stack) -> None:
+    async with stack.dial(pace=False) as call:
+        await greeted(call)
+        await call.say(WASHERS)
+        await call.wait_for_audio(10.0)
+        await call.wait_until_quiet(400, 10.0)
+        stack.realtime.close_with(1001, "Your session hit the maximum duration of 60 minutes.")
+        await until(lambda: len(stack.realtime.sessions) >= 2 and bool(client_events(stack, 1)))
+        await asyncio.sleep(0.2)
+        assert call.connected
+    await stack.ended()
+    assert client_events(stack, 1)[0]["type"] == "session.update"
+    restored = restored_items(stack, 1)
+    assert ("user", "Do you have washers?") in restored
+    assert ("assistant", "We have two washers.") in restored
+    assert ("function_call", "") in restored and ("function_call_output", "") in restored
+    assert stack.deps.stats.realtime_reconnects == 1
+    assert stack.twilio_api.call_updates == []
+
+
 async def test_session_expired_takes_the_reconnect_path(stack: Stack) -> None:
     async with stack.dial() as call:
         await greeted(call)
@@ -545,6 +681,23 @@ async def test_session_expired_takes_the_reconnect_path(stack: Stack) -> None:
         await until(lambda: len(stack.realtime.sessions) >= 2)
         assert call.connected
     assert stack.deps.stats.realtime_reconnects == 1
+
+
+async def test_a_rotated_session_is_seeded_with_the_conversation_so_far(stack: Stack) -> None:
+    stack.deps.settings = stack.deps.settings.model_copy(update={"realtime_session_max_s": 1.0})
+    async with stack.dial(pace=False) as call:
+        await greeted(call)
+        await call.say(WASHERS)
+        await call.wait_for_audio(10.0)
+        await call.wait_until_quiet(400, 10.0)
+        answered = len(stack.realtime.sessions)
+        await until(lambda: len(stack.realtime.sessions) > answered and bool(client_events(stack, -1)))
+        assert call.connected
+    restored = restored_items(stack, -1)
+    assert restored[:2] == [("assistant", "Hi there!"), ("user", "Do you have washers?")]
+    assert ("assistant", "We have two washers.") in restored
+    assert ("function_call", "") in restored and ("function_call_output", "") in restored
+    assert [e for e in call.events if e.kind == "clear"] == []
 
 
 async def test_the_session_is_rotated_at_a_turn_boundary_without_a_word_or_a_clear(stack: Stack) -> None:

@@ -378,6 +378,22 @@ class PhoneCall:
         async with self._send_lock:
             await self._send(frame, "raw", detail)
 
+    async def send_oversized(self, size: int, *, sent: int = 1024) -> None:
+        """Sends the header of a text frame announcing `size` bytes, then only `sent` of them.
+
+        A server that caps messages refuses the frame by its header, with close 1009. Bytes the
+        server never reads (the rest of a whole frame, or media sent meanwhile: use it before
+        `send_start`) turn its close into a TCP reset that can overtake the close frame, and the
+        phone would see 1006 by chance."""
+        self._require_stream()
+        assert self._ws is not None
+        mask = secrets.token_bytes(4)
+        header = bytes([0x81, 0x80 | 127]) + size.to_bytes(8, "big") + mask
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"x" * min(sent, size)))
+        async with self._send_lock:
+            self._ws.transport.write(header + payload)
+        self._event("out", "raw", f"frame header of {size} bytes, {min(sent, size)} sent")
+
     async def send_start(self) -> None:
         """Sends `start` and starts the media clock; `dial` does it unless `start_stream=False`.
 
@@ -412,8 +428,11 @@ class PhoneCall:
     def resume_reading(self) -> None:
         self._reading.set()
 
-    async def hang_up(self, *, send_stop: bool = True) -> None:
-        """Stops the media, sends `stop` and closes the socket; safe to call more than once."""
+    async def hang_up(self, *, send_stop: bool = True, close: bool = True) -> None:
+        """Stops the media, sends `stop` and closes the socket; safe to call more than once.
+
+        `send_stop=False` closes without `stop`; `close=False` sends `stop` and leaves the socket
+        for the app to close (Twilio's end signals arrive in either order, or alone)."""
         if self._ws is None or self._hung_up:
             return
         self._hung_up = True
@@ -425,6 +444,8 @@ class PhoneCall:
                 # An app that stopped reading must not keep the caller from hanging up.
                 with contextlib.suppress(CallEnded, TimeoutError):
                     await asyncio.wait_for(self._send_stop(), STREAM_CLOSE_TIMEOUT_S)
+            if not close:
+                return
             self._event("out", "close", "1000")
             await self._ws.close()
         if self._reader is not None:

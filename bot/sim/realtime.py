@@ -1566,9 +1566,9 @@ class RealtimeSimulator:
     Fault switches (settable any time): `drop_after_events` resets the TCP connection after that
     many more server events; `event_delay_s` delays every server event; `read_delay_s` slows the
     reading of client events; `reject_handshake_status` refuses new connections with that HTTP
-    status, and `reject_client_secrets_status` new client secrets; `malformed_event_rate` follows
-    that share of server events with a `malformed_copy` (drawn from the seeded `fuzz`, counted in
-    `malformed_events_sent`); `inject_error()` and
+    status (counted in `handshakes_refused`), and `reject_client_secrets_status` new client
+    secrets; `malformed_event_rate` follows that share of server events with a `malformed_copy`
+    (drawn from the seeded `fuzz`, counted in `malformed_events_sent`); `inject_error()` and
     `close_with()` act on open sessions.
     """
 
@@ -1590,6 +1590,7 @@ class RealtimeSimulator:
         self.read_delay_s = 0.0
         self.reject_handshake_status: int | None = None
         self.reject_client_secrets_status: int | None = None
+        self.handshakes_refused = 0
         self.malformed_event_rate = 0.0
         self.malformed_events_sent = 0
         self.fuzz = random.Random(0)
@@ -1703,6 +1704,7 @@ class RealtimeSimulator:
 
     def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
         if self.reject_handshake_status is not None:
+            self.handshakes_refused += 1
             status = self.reject_handshake_status
             body = HANDSHAKE_ERRORS.get(status, _api_error(http.HTTPStatus(status).phrase, None))
             return _json_response(connection, status, body)
