@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
@@ -142,6 +143,18 @@ async def test_a_signature_replayed_with_a_changed_host_is_refused() -> None:
         assert response.status_code == 403
 
 
+async def test_a_signature_replayed_with_a_changed_forwarded_scheme_is_refused() -> None:
+    async for client in serve(make_settings(PUBLIC_URL="")):
+        sig = signature("https://shop-bot.example.org/twiml/voice", FORM)
+        headers = {
+            "X-Twilio-Signature": sig,
+            "X-Forwarded-Proto": "http",
+            "X-Forwarded-Host": "shop-bot.example.org",
+        }
+        response = await client.post("/twiml/voice", data=FORM, headers=headers)
+        assert response.status_code == 403
+
+
 async def test_a_tampered_form_field_breaks_the_signature(client: httpx.AsyncClient) -> None:
     sig = signature("https://bot.example.com/twiml/voice", FORM)
     tampered = {**FORM, "From": "+15559999999"}
@@ -215,3 +228,46 @@ async def test_healthz_reports_version_and_features(client: httpx.AsyncClient) -
     assert body["version"]
     assert body["features"]["realtime"] is True
     assert body["features"]["webhook"] is False
+
+
+class SilentPeer:
+    """A TCP listener that accepts and never answers: every outbound service the app knows."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> str:
+        async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            self._writers.append(writer)
+
+        self._server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        for writer in self._writers:
+            writer.close()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def test_the_voice_webhook_answers_without_waiting_on_any_other_service() -> None:
+    """Twilio gives the voice URL 15 s: the answer is minted locally, with no I/O, so a hung OpenAI,
+    Twilio API or call center costs it nothing (any attempt would hang on the silent peer)."""
+    peer = SilentPeer()
+    async with peer as address:
+        settings = make_settings(
+            OPENAI_REALTIME_URL=f"ws://{address}/v1/realtime",
+            OPENAI_BASE_URL=f"http://{address}",
+            TWILIO_API_BASE=f"http://{address}",
+            WEBHOOK_URL=f"http://{address}/hooks",
+            WEBHOOK_SECRET="whsec_" + "A" * 32,
+        )
+        async for client in serve(settings):
+            sig = signature("https://bot.example.com/twiml/voice", FORM)
+            response = await client.post("/twiml/voice", data=FORM, headers={"X-Twilio-Signature": sig})
+            assert response.status_code == 200 and "<Stream" in response.text
+            assert peer.connections == 0
