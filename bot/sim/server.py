@@ -1,11 +1,19 @@
-"""Runs an ASGI app under uvicorn inside the current event loop, on a free local port."""
+"""Runs the app for tests and tools: an ASGI app under uvicorn inside the current event loop
+(`LocalServer`), or `python -m bot serve` as a subprocess (`ServeProcess`), on a free local port."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 
 from bot.twilio_stream import MAX_MESSAGE_BYTES
@@ -49,3 +57,85 @@ class LocalServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+class ServeProcess:
+    """`python -m bot serve` in a subprocess on a free local port, as operators run it.
+
+    For tests that exercise the real entry point, or measure the app's own memory and file
+    descriptors apart from the simulators beside it. `env` is the whole environment; the log
+    (stdout and stderr) goes to `workdir/app.log`.
+    """
+
+    def __init__(self, env: Mapping[str, str], workdir: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "app.log"
+        self._env = dict(env)
+        self._workdir = workdir
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "start the process first"
+        return self._proc.pid
+
+    async def start(self, timeout_s: float = 20.0) -> None:
+        with self.log_path.open("wb") as log:
+            self._proc = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "bot", "serve", "--host", "127.0.0.1", "--port", str(self.port)),
+                env=self._env,
+                cwd=self._workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        async with httpx.AsyncClient(trust_env=False) as http:
+            for _ in range(int(timeout_s / 0.05)):
+                if self._proc.returncode is not None:
+                    status = self._proc.returncode
+                    raise RuntimeError(f"serve exited with {status}: {self.log_text()[-2000:]}")
+                with contextlib.suppress(httpx.TransportError):
+                    await http.get(self.base_url + "/healthz", timeout=1)
+                    return
+                await asyncio.sleep(0.05)
+        raise RuntimeError(f"serve did not come up in {timeout_s:.0f} s: {self.log_text()[-2000:]}")
+
+    async def stop(self) -> int | None:
+        """SIGTERM (uvicorn shuts down gracefully), SIGKILL past a bound; the exit status."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                async with asyncio.timeout(20):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        return proc.returncode
+
+    async def __aenter__(self) -> ServeProcess:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc status")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
