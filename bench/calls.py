@@ -30,9 +30,13 @@ What is measured, and how (every timestamp is `time.monotonic()` in this process
   Realtime socket opened, in flight at hang-up); bot audio bytes the simulator sent vs the phones
   received (in mu-law bytes; replies cut by a barge-in, or by a hang-up while they still played,
   are left out); Realtime sockets still open after every call hung up and a grace period.
+- cross-talk: each phone must hear audio from exactly one Realtime session (by the item ids in
+  the marks it gets), and no two phones from the same one.
+- the app's file descriptors: before the calls (after the warm-up), at their peak, and after every
+  call hung up and a grace period, which must be back to the first figure.
 
-Exit status: 1 on a functional failure (a call that failed, a frame or byte lost, a socket left
-open), never on timing.
+Exit status: 1 on a functional failure (a call that failed, a frame or byte lost, cross-talk, a
+socket or file descriptor left open), never on timing.
 """
 
 from __future__ import annotations
@@ -276,6 +280,9 @@ class AppProcess:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         return 0
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def lag_samples(self, start: float, end: float) -> list[float]:
         """The app's loop lag samples (ms) taken between two monotonic times."""
@@ -578,6 +585,10 @@ class RunResult:
     sockets_left: int = 0
     app_active_after: int | None = None
     unmatched_calls: int = 0
+    cross_talk: int = 0
+    fds_idle: int = 0
+    fds_peak: int = 0
+    fds_after: int = 0
     loose_errors: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -590,6 +601,8 @@ class RunResult:
             or self.sockets_left
             or self.app_active_after
             or self.unmatched_calls
+            or self.cross_talk
+            or self.fds_after > self.fds_idle
         )
 
 
@@ -674,6 +687,7 @@ async def run_load(
                 realtime.traces.clear()
                 result.background_busy = await core_busy(BACKGROUND_SAMPLE_S)
                 result.rss_idle_kb = app.rss_kb()
+                result.fds_idle = result.fds_peak = app.open_fds()
                 with gc_paused():
                     settle_s = 0.0 if smoke else SETTLE_S
                     traces, plan = await drive(
@@ -682,6 +696,7 @@ async def run_load(
                     await wait_for_sockets(realtime)
                     result.sockets_left = realtime.open_connections
                     result.app_active_after = await app.active_calls(http)
+                    result.fds_after = await fds_settled(app, result.fds_idle)
                     analyse(result, traces, realtime, (plan.window_start, plan.window_end))
             finally:
                 await app.stop()
@@ -760,6 +775,7 @@ async def sample_window(app: AppProcess, plan: Plan, result: RunResult) -> None:
     rss: list[int] = []
     while time.monotonic() < plan.window_end:
         rss.append(app.rss_kb())
+        result.fds_peak = max(result.fds_peak, app.open_fds())
         await asyncio.sleep(min(RSS_SAMPLE_S, max(0.0, plan.window_end - time.monotonic())))
     cpu1, bench1, ticks1 = app.cpu_s(), self_cpu_s(), cpu_ticks()
     result.window_s = time.monotonic() - t0
@@ -775,6 +791,15 @@ async def wait_for_sockets(realtime: RealtimeSimulator) -> None:
         if not realtime.open_connections:
             return
         await asyncio.sleep(POLL_S)
+
+
+async def fds_settled(app: AppProcess, idle: int) -> int:
+    """The app's open descriptors once back to `idle`, or after a grace period if never."""
+    for _ in range(round(SOCKET_GRACE_S / POLL_S)):
+        if app.open_fds() <= idle:
+            break
+        await asyncio.sleep(POLL_S)
+    return app.open_fds()
 
 
 async def core_busy(seconds: float) -> dict[str, float]:
@@ -804,6 +829,7 @@ def analyse(
     for session in realtime.traces:
         for delta in session.deltas:
             by_item[delta.item_id] = session
+    served: dict[int, int] = {}
     for trace in traces:
         call = trace.call
         if trace.ok:
@@ -818,6 +844,11 @@ def analyse(
         if len(sessions) != 1:
             result.unmatched_calls += 1
             result.failures.append(f"call {trace.index}: heard audio from {len(sessions)} Realtime sessions")
+            continue
+        other = served.setdefault(id(sessions[0]), trace.index)
+        if other != trace.index:
+            result.cross_talk += 1
+            result.failures.append(f"call {trace.index}: heard the Realtime session of call {other}")
             continue
         analyse_uplink(view, sessions[0].append_t, window, result.up)
         analyse_downlink(view, sessions[0], window, result.down)
@@ -850,7 +881,8 @@ LATENCY_HEADER = (
 COST_HEADER = (
     "| mode | calls | app CPU s/call-min | app % core | RSS/call KB | app lag p50/p99/max ms "
     "| bench % core | bench lag p99/max ms | cores busy % idle -> run | appends/s/call "
-    "| frames lost | dropped by design | bot bytes sent/recv | sockets left |"
+    "| frames lost | dropped by design | bot bytes sent/recv | sockets left | app fds idle/peak/after "
+    "| cross-talk |"
 )
 
 
@@ -900,6 +932,8 @@ def cost_row(r: RunResult) -> str:
         f"{r.down.sent_bytes}/{r.down.received_bytes}"
         + (f" (+{r.down.cut_bytes} cut by hang-up)" if r.down.cut_bytes else ""),
         str(r.sockets_left),
+        f"{r.fds_idle}/{r.fds_peak}/{r.fds_after}",
+        str(r.cross_talk),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -957,6 +991,8 @@ def print_report(results: Sequence[RunResult]) -> None:
             )
         if r.sockets_left or r.app_active_after:
             print(f"LEAK {run}: {r.sockets_left} Realtime sockets, {r.app_active_after} calls still active")
+        if r.fds_after > r.fds_idle:
+            print(f"LEAK {run}: the app holds {r.fds_after - r.fds_idle} more file descriptors than before")
 
 
 # --- command line ----------------------------------------------------------------------------

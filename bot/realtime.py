@@ -189,14 +189,20 @@ async def connect_realtime(
     last: RealtimeUnavailable | None = None
     for attempt in range(attempts):
         if attempt:
-            ceiling = min(REALTIME_RETRY_MAX_S, REALTIME_RETRY_BASE_S * 2 ** (attempt - 1))
-            await asyncio.sleep(ceiling * (0.5 + rng() / 2))
+            await asyncio.sleep(retry_delay_s(attempt, rng))
         try:
             return await RealtimeClient.open(settings, agent, open_timeout_s=open_timeout_s)
         except RealtimeUnavailable as exc:
             last = exc
     assert last is not None
     raise last
+
+
+def retry_delay_s(attempt: int, rng: Callable[[], float]) -> float:
+    """The wait before retry `attempt` (1, 2, ...): a doubling ceiling, capped, of which a random
+    half to all is taken, so calls dropped together do not reconnect together."""
+    ceiling: float = min(REALTIME_RETRY_MAX_S, REALTIME_RETRY_BASE_S * 2 ** (attempt - 1))
+    return ceiling * (0.5 + rng() / 2)
 
 
 def _limit_kernel_send_buffer(ws: ClientConnection, settings: Settings) -> None:

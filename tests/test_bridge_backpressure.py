@@ -1,4 +1,4 @@
-"""Back-pressure through the real app (RELIABILITY.md rows 13 and 14): a Realtime side that stops
+"""Back-pressure through the real app (docs/reliability.md rows 13 and 14): a Realtime side that stops
 reading, and a Twilio side that stops reading, over real sockets on 127.0.0.1 (SimStack).
 
 Loopback TCP buffers auto-tune to megabytes, so a stuck reader takes minutes to back up. The

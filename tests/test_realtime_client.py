@@ -21,6 +21,7 @@ from bot.realtime import (
     RealtimeRefused,
     RealtimeUnavailable,
     connect_realtime,
+    retry_delay_s,
     session_update_event,
 )
 from bot.realtime_events import Malformed, ServerEvent, SessionCreated
@@ -216,3 +217,10 @@ class CountingServer:
         assert self._server is not None
         self._server.close()
         await self._server.wait_closed()
+
+
+def test_retry_waits_double_up_to_a_cap_and_are_jittered_between_half_and_all_of_it() -> None:
+    ceilings = [retry_delay_s(attempt, lambda: 1.0) for attempt in (1, 2, 3, 4, 5)]
+    assert ceilings == [0.25, 0.5, 1.0, 2.0, 2.0]
+    assert [retry_delay_s(attempt, lambda: 0.0) for attempt in (1, 2, 3)] == [0.125, 0.25, 0.5]
+    assert retry_delay_s(2, lambda: 0.5) == 0.375

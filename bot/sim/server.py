@@ -134,8 +134,29 @@ class ServeProcess:
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS in /proc status")
 
-    def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+    def open_fds(self) -> list[str]:
+        """What each open descriptor is: a path, `pipe:[…]`, or a TCP socket as `tcp LOCAL REMOTE`."""
+        tcp = _tcp_sockets(self.pid)
+        targets = []
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+                targets.append(tcp.get(target, target))
+        return sorted(targets)
 
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+def _tcp_sockets(pid: int) -> dict[str, str]:
+    """`socket:[inode]` -> `tcp LOCAL REMOTE` (host:port) for the IPv4 sockets of a process."""
+    sockets = {}
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        sockets[f"socket:[{fields[9]}]"] = f"tcp {_address(fields[1])} {_address(fields[2])}"
+    return sockets
+
+
+def _address(hex_address: str) -> str:
+    host, port = hex_address.split(":")
+    return f"{socket.inet_ntoa(bytes.fromhex(host)[::-1])}:{int(port, 16)}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import secrets
 import tempfile
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from bot.app import Runtime, create_app
 from bot.settings import Settings, load_settings
 from bot.sim.phone import Dialing, PhoneCall, dial
 from bot.sim.realtime import RealtimeSimulator, Scenario
-from bot.sim.server import LocalServer
+from bot.sim.server import LocalServer, ServeProcess
 from bot.sim.twilio_api import TwilioApiSimulator
 from bot.sim.webhook_receiver import WebhookReceiver
 
@@ -35,7 +36,10 @@ class SimStack:
     """`async with SimStack(scenario) as stack:` then `await stack.dial()`.
 
     Like Twilio, a REST update of a live call (new TwiML, or completed) ends that call's media
-    stream: the phone sends `stop` and closes. `env` overrides any setting.
+    stream: the phone sends `stop` and closes. `env` overrides any setting. With
+    `subprocess=True` the app runs as `python -m bot serve` in its own process (`process`), so its
+    memory and file descriptors can be measured apart from the simulators; `runtime` is then
+    not available.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class SimStack:
         *,
         env: dict[str, str] | None = None,
         on_twilio_record: Recorder | None = None,
+        subprocess: bool = False,
     ) -> None:
         self.calls: dict[str, PhoneCall] = {}
         self._on_twilio_record = on_twilio_record
@@ -55,10 +60,14 @@ class SimStack:
         self._workdir = tempfile.TemporaryDirectory(prefix="voicebot-sim-")
         self._server: LocalServer | None = None
         self._runtime: Runtime | None = None
+        self._subprocess = subprocess
+        self.process: ServeProcess | None = None
         self.settings: Settings | None = None
 
     @property
     def app_url(self) -> str:
+        if self.process is not None:
+            return self.process.base_url
         assert self._server is not None, "start the stack first"
         return self._server.base_url
 
@@ -87,6 +96,13 @@ class SimStack:
             **self._env,
         }
         self.settings = load_settings(env, dotenv=None)
+        if self._subprocess:
+            # The app's settings come from `env` alone, as in-process: none leak from this shell.
+            settings_names = {f.alias for f in Settings.model_fields.values()} | {"OPENAI"}
+            inherited = {k: v for k, v in os.environ.items() if k not in settings_names}
+            self.process = ServeProcess({**inherited, **env}, Path(self._workdir.name))
+            await self.process.start()
+            return
         app = create_app(self.settings)
         self._runtime = app.state.runtime
         self._server = LocalServer(app)
@@ -97,6 +113,8 @@ class SimStack:
             await call.hang_up()
         if self._server is not None:
             await self._server.stop()
+        if self.process is not None:
+            await self.process.stop()
         await self.receiver.stop()
         await self.twilio_api.stop()
         await self.realtime.stop()
