@@ -97,6 +97,8 @@ FRAME_S = 0.02
 RAMP_PER_CALL_S = FRAME_S * (math.sqrt(5) - 1) / 2
 SETTLE_S = 2.0
 SOCKET_GRACE_S = 2.0
+# uvicorn closes an idle keep-alive connection after 5 s.
+FDS_GRACE_S = 7.0
 POLL_S = 0.05
 BACKGROUND_SAMPLE_S = 1.0
 # A process using this share of its core (or whose loop lags a frame) is at its limit.
@@ -695,8 +697,8 @@ async def run_load(
                     )
                     await wait_for_sockets(realtime)
                     result.sockets_left = realtime.open_connections
-                    result.app_active_after = await app.active_calls(http)
                     result.fds_after = await fds_settled(app, result.fds_idle)
+                    result.app_active_after = await app.active_calls(http)
                     analyse(result, traces, realtime, (plan.window_start, plan.window_end))
             finally:
                 await app.stop()
@@ -794,8 +796,9 @@ async def wait_for_sockets(realtime: RealtimeSimulator) -> None:
 
 
 async def fds_settled(app: AppProcess, idle: int) -> int:
-    """The app's open descriptors once back to `idle`, or after a grace period if never."""
-    for _ in range(round(SOCKET_GRACE_S / POLL_S)):
+    """The app's open descriptors once back to `idle`, or after a grace period if never (the
+    phones' webhook requests may hold keep-alive connections until uvicorn's timeout)."""
+    for _ in range(round(FDS_GRACE_S / POLL_S)):
         if app.open_fds() <= idle:
             break
         await asyncio.sleep(POLL_S)
