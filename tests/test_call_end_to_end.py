@@ -69,7 +69,8 @@ async def test_a_scripted_call_from_greeting_to_hang_up(tmp_path: Path, audio_fo
         bridge = stack.runtime.bridge
         assert bridge is not None
         for _ in range(100):
-            if bridge.stats.calls_ended == 1 and stack.realtime.open_connections == 0:
+            ended_cleanly = not bridge.active_calls and stack.realtime.open_connections == 0
+            if bridge.stats.calls_ended == 1 and ended_cleanly:
                 break
             await asyncio.sleep(0.02)
         active_after, ended = len(bridge.active_calls), bridge.stats.calls_ended
