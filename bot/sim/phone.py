@@ -443,7 +443,8 @@ class PhoneCall:
             if send_stop:
                 # An app that stopped reading must not keep the caller from hanging up.
                 with contextlib.suppress(CallEnded, TimeoutError):
-                    await asyncio.wait_for(self._send_stop(), STREAM_CLOSE_TIMEOUT_S)
+                    async with asyncio.timeout(STREAM_CLOSE_TIMEOUT_S):
+                        await self._send_stop()
             if not close:
                 return
             self._event("out", "close", "1000")
@@ -494,7 +495,8 @@ class PhoneCall:
                 if remaining <= 0:
                     return
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closed.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._closed.wait()
 
     async def wait_closed(self, timeout: float) -> None:  # noqa: ASYNC109 (public API)
         """Waits until the stream is closed (by the app or by `hang_up`)."""
@@ -731,8 +733,11 @@ class PhoneCall:
                     continue
                 due_s = self._t0 + self._pending_marks[0].due_sample / TWILIO_RATE_HZ - time.monotonic()
                 if due_s > 0:
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+                    # cancellation that hang_up sends, and hang_up would wait for this forever.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), due_s)
+                        async with asyncio.timeout(due_s):
+                            await changed.wait()
                     continue
                 async with self._send_lock:
                     await self._echo_marks(cleared=False)
