@@ -110,3 +110,35 @@ async def test_a_call_logs_the_catalog_load_and_each_tool_run_once(
     messages = [record.getMessage() for record in caplog.records]
     assert messages.count("catalog loaded") == 1
     assert messages.count("tool ran") == 1
+
+
+async def test_barge_in_truncates_at_what_the_phone_really_played_within_one_frame() -> None:
+    """What the model is told the caller heard matches what the phone played, to 20 ms.
+
+    The app runs as deployed, in its own process (`serve`), so the phone (Twilio) and the bot do
+    not share one event loop's delays; the phone takes its times where the bytes arrive
+    (bot.sim.phone), the bridge where its readers receive them; and the caller talks over the bot
+    in real time, as callers do."""
+    scenario = Scenario(greeting="Hi there!", turns=[Turn(say="A long answer.", audio_ms=6000)])
+    async with SimStack(scenario, subprocess=True) as stack:
+        call = await stack.dial(pace=False)
+        await call.wait_for_audio(5.0)
+        await call.wait_until_quiet(400, 10.0)
+        await call.say(WASHERS)
+        await call.wait_for_audio(10.0, min_ms=1500)
+        call.pace = True
+        await call.say(WASHERS)
+        session = stack.realtime.sessions[0]
+        for _ in range(250):
+            if session.truncations:
+                break
+            await asyncio.sleep(0.02)
+        [(item_id, content_index, audio_end_ms)] = session.truncations
+        clears = [e for e in call.events if e.kind == "clear"]
+        await call.hang_up()
+    assert content_index == 0 and len(clears) == 1
+    sent_ms = max(int(m.name.split(":")[1]) for m in call.marks if m.name.endswith(":" + item_id))
+    flushed_ms = int(clears[0].detail.removesuffix("ms"))
+    played_ms = sent_ms - flushed_ms
+    assert audio_end_ms > 500
+    assert abs(played_ms - audio_end_ms) <= 20
