@@ -857,7 +857,8 @@ def test_a_tool_answered_after_a_reconnect_recreates_its_call_item() -> None:
 def test_rotation_waits_for_a_turn_boundary_and_restores_silently() -> None:
     call = Call(call_sid=CALL_SID, stream_sid=SID, now_ms=0, audio_format="pcmu", session_max_ms=60_000)
     call.session_opened(0)
-    feed(call, response_created("resp_g"), 0)
+    seed_conversation(call)
+    feed(call, response_created("resp_g"), 59_000)
     assert not any(isinstance(a, RotateSession) for a in call.tick(60_000))
     feed(call, response_done("resp_g"), 60_100)
     deadline = call.next_deadline()
@@ -866,6 +867,8 @@ def test_rotation_waits_for_a_turn_boundary_and_restores_silently() -> None:
     assert not any(isinstance(a, RotateSession) for a in call.tick(deadline + 1_000))
     events = realtime_events(call.session_opened(deadline + 100))
     assert of_type(events, "response.create") == []
+    restored = [e["item"]["type"] for e in of_type(events, "conversation.item.create")]
+    assert restored == ["message", "function_call", "function_call_output", "message"]
     assert call.next_deadline() == deadline + 100 + 60_000
 
 
