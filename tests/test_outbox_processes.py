@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +22,6 @@ from typing import Any
 
 import pytest
 from outbox_rig import collection
-from serve_process import ServeProcess
 from standardwebhooks import Webhook
 
 from bot.outbox import Outbox, OutboxRow
@@ -30,6 +30,7 @@ from bot.outbox.rows import SETTLED_STATES
 from bot.outbox.sqlite import SqliteStore
 from bot.outbox.store import OutboxStore
 from bot.sim.postgres import LocalPostgres
+from bot.sim.server import ServeProcess
 from bot.sim.twilio_api import TwilioApiSimulator
 from bot.sim.webhook_receiver import WebhookReceiver
 
@@ -120,15 +121,15 @@ async def test_processes_sharing_an_outbox_send_each_sms_once_and_lose_nothing_w
     async with Outbox(store) as outbox:
         ids = await queue(outbox, CALLERS[: MESSAGES // 2])
         try:
-            processes += [ServeProcess("a", tmp_path, env), ServeProcess("b", tmp_path, env)]
+            processes += [spawn("a", tmp_path, env), spawn("b", tmp_path, env)]
             await asyncio.gather(*(p.wait_healthy() for p in processes))
             ids += await queue(outbox, CALLERS[MESSAGES // 2 :])
 
             await created.reach(40)
             processes[0].kill()  # mid-relay: its creates are in flight
-            processes.append(ServeProcess("a-again", tmp_path, env))
+            processes.append(spawn("a-again", tmp_path, env))
             await created.reach(100)
-            processes.append(ServeProcess("c-late", tmp_path, env))
+            processes.append(spawn("c-late", tmp_path, env))
 
             await receiver.wait_until(
                 lambda: {d.headers["webhook-id"] for d in receiver.acknowledged()} >= set(ids),
@@ -137,7 +138,7 @@ async def test_processes_sharing_an_outbox_send_each_sms_once_and_lose_nothing_w
             rows = await settled(outbox)
         except BaseException:
             for process in processes:
-                print(f"--- {process.name}\n{process.log()}")
+                print(f"--- {process.name}\n{process.log_tail()}")
             raise
         finally:
             await asyncio.gather(*(p.stop() for p in processes))
@@ -160,6 +161,13 @@ async def test_processes_sharing_an_outbox_send_each_sms_once_and_lose_nothing_w
             assert sms == {"status": "sent", "message_sids": [twilio.messages_to(caller)[0]["sid"]]}
     logs = "".join(p.log_path.read_text() for p in processes)
     assert "taking over a delivery whose relay stopped renewing its lease" in logs, "none was in flight"
+
+
+def spawn(name: str, folder: Path, env: dict[str, str]) -> ServeProcess:
+    """A `serve` process started now, not waited for (the test decides when it must be up)."""
+    process = ServeProcess({**os.environ, **env}, folder, name=name)
+    process.spawn()
+    return process
 
 
 async def settled(outbox: Outbox) -> list[OutboxRow]:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_process import ServeProcess
 
 from bot.settings import SAMPLE_CATALOG_PATH
 from bot.sim.phone import PhoneCall, dial
 from bot.sim.realtime import RealtimeSimulator, Scenario, ToolCall, Turn
+from bot.sim.server import ServeProcess
 from bot.sim.twilio_api import TwilioApiSimulator
 from bot.sim.webhook_receiver import WebhookReceiver
 from bot.wav import read_wav
@@ -97,26 +97,26 @@ async def test_a_stream_token_minted_by_one_worker_is_accepted_by_the_other_and_
         "DATABASE_PATH": str(tmp_path / "outbox.sqlite3"),
         "LOG_LEVEL": "WARNING",
     }
-    server = ServeProcess("serve", tmp_path, env, "--workers", "2")
+    server = ServeProcess({**os.environ, **env}, tmp_path, "--workers", "2", name="serve")
     try:
-        await server.wait_healthy()
-        first, second = await both_workers(server.proc.pid)
+        await server.start()
+        first, second = await both_workers(server.pid)
         for paused in (second, first):
             pause(paused)  # each worker alone answers /healthz once: both are up
             try:
                 async with httpx.AsyncClient(timeout=10) as client:
-                    assert (await client.get(server.url + "/healthz")).status_code == 200
+                    assert (await client.get(server.base_url + "/healthz")).status_code == 200
             finally:
                 resume(paused)
 
         callers = {"+15551230101": (first, second), "+15551230102": (second, first)}
         for caller, (minting, streaming) in callers.items():
-            await steered_call(server.url, twilio, caller, minting, streaming)
+            await steered_call(server.base_url, twilio, caller, minting, streaming)
         await receiver.wait_until(
             lambda: len({d.headers["webhook-id"] for d in receiver.acknowledged()}) == 4, 20
         )
     except BaseException:
-        print(server.log())
+        print(server.log_tail())
         raise
     finally:
         await server.stop()

@@ -16,7 +16,11 @@ from typing import Any
 import httpx
 import uvicorn
 
+from bot.sim.postgres import free_port
 from bot.twilio_stream import MAX_MESSAGE_BYTES
+
+SERVE_START_TIMEOUT_S = 30.0
+SERVE_STOP_TIMEOUT_S = 20.0
 
 
 class LocalServer:
@@ -60,61 +64,70 @@ class LocalServer:
 
 
 class ServeProcess:
-    """`python -m bot serve` in a subprocess on a free local port, as operators run it.
+    """`python -m bot serve` as a real process on a free local port, as operators run it.
 
-    For tests that exercise the real entry point, or measure the app's own memory and file
-    descriptors apart from the simulators beside it. `env` is the whole environment; the log
-    (stdout and stderr) goes to `workdir/app.log`.
+    For tests of the entry point, of several processes sharing an outbox, or of the app's own
+    memory and file descriptors apart from the simulators beside it. `env` is the whole
+    environment and `args` go after `serve`; stdout and stderr go to `workdir/<name>.log`.
+    `start()` spawns it and waits until /healthz answers; `spawn()` only spawns it.
     """
 
-    def __init__(self, env: Mapping[str, str], workdir: Path) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = int(probe.getsockname()[1])
+    def __init__(self, env: Mapping[str, str], workdir: Path, *args: str, name: str = "app") -> None:
+        self.name = name
+        self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / "app.log"
+        self.log_path = workdir / f"{name}.log"
+        address = ["--host", "127.0.0.1", "--port", str(self.port)]
+        self._command = [sys.executable, "-m", "bot", "serve", *address, *args]
         self._env = dict(env)
         self._workdir = workdir
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int:
         assert self._proc is not None, "start the process first"
         return self._proc.pid
 
-    async def start(self, timeout_s: float = 20.0) -> None:
-        with self.log_path.open("wb") as log:
-            self._proc = await asyncio.create_subprocess_exec(
-                *(sys.executable, "-m", "bot", "serve", "--host", "127.0.0.1", "--port", str(self.port)),
-                env=self._env,
-                cwd=self._workdir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+    def spawn(self) -> None:
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                self._command, env=self._env, cwd=self._workdir, stdout=log, stderr=subprocess.STDOUT
             )
+
+    async def wait_healthy(self, timeout_s: float = SERVE_START_TIMEOUT_S) -> None:
+        proc = self._proc
+        assert proc is not None, "spawn the process first"
         async with httpx.AsyncClient(trust_env=False) as http:
             for _ in range(int(timeout_s / 0.05)):
-                if self._proc.returncode is not None:
-                    status = self._proc.returncode
-                    raise RuntimeError(f"serve exited with {status}: {self.log_text()[-2000:]}")
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with {proc.returncode}:\n{self.log_tail()}")
                 with contextlib.suppress(httpx.TransportError):
-                    await http.get(self.base_url + "/healthz", timeout=1)
-                    return
+                    if (await http.get(self.base_url + "/healthz", timeout=1)).status_code == 200:
+                        return
                 await asyncio.sleep(0.05)
-        raise RuntimeError(f"serve did not come up in {timeout_s:.0f} s: {self.log_text()[-2000:]}")
+        raise RuntimeError(f"{self.name} did not come up in {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    async def start(self) -> None:
+        self.spawn()
+        await self.wait_healthy()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no hand-back, as when a machine dies."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
 
     async def stop(self) -> int | None:
         """SIGTERM (uvicorn shuts down gracefully), SIGKILL past a bound; the exit status."""
         proc = self._proc
         if proc is None:
             return None
-        if proc.returncode is None:
+        if proc.poll() is None:
             proc.terminate()
             try:
-                async with asyncio.timeout(20):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+                await asyncio.to_thread(proc.wait, SERVE_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.kill()
         return proc.returncode
 
     async def __aenter__(self) -> ServeProcess:
@@ -146,6 +159,10 @@ class ServeProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def log_tail(self) -> str:
+        """The end of the log, for a failing test to print."""
+        return self.log_text()[-6000:]
 
 
 def _tcp_sockets(pid: int) -> dict[str, str]:
