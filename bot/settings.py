@@ -11,7 +11,7 @@ import binascii
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +28,15 @@ MAKE_WEBHOOK_SECRET = (
     "python3 -c \"import base64, secrets; "
     "print('whsec_' + base64.b64encode(secrets.token_bytes(32)).decode())\""
 )
+
+
+# A setting whose name holds one of these never has its value echoed in an error.
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def _price(usd_per_million: float, alias: str) -> Any:
+    """A price setting: US dollars per million tokens, finite and not negative."""
+    return Field(usd_per_million, alias=alias, ge=0, allow_inf_nan=False)
 
 
 class SettingsError(ValueError):
@@ -128,6 +137,18 @@ class Settings(BaseModel):
     # 0 turns the idle prompt (and with it the idle hang-up) off.
     idle_prompt_s: float = Field(10.0, alias="IDLE_PROMPT_S", ge=0, le=600)
     idle_hangup_s: float = Field(10.0, alias="IDLE_HANGUP_S", gt=0, le=600)
+
+    # US dollars per million tokens: OpenAI's published gpt-realtime prices at the time of writing.
+    price_text_input_usd_per_1m: float = _price(4.0, "PRICE_TEXT_INPUT_USD_PER_1M")
+    price_text_cached_usd_per_1m: float = _price(0.4, "PRICE_TEXT_CACHED_USD_PER_1M")
+    price_text_output_usd_per_1m: float = _price(16.0, "PRICE_TEXT_OUTPUT_USD_PER_1M")
+    price_audio_input_usd_per_1m: float = _price(32.0, "PRICE_AUDIO_INPUT_USD_PER_1M")
+    price_audio_cached_usd_per_1m: float = _price(0.4, "PRICE_AUDIO_CACHED_USD_PER_1M")
+    price_audio_output_usd_per_1m: float = _price(64.0, "PRICE_AUDIO_OUTPUT_USD_PER_1M")
+
+    metrics_token: str | None = Field(None, alias="METRICS_TOKEN", min_length=16)
+    console_password: str | None = Field(None, alias="CONSOLE_PASSWORD", min_length=12)
+
     realtime_reconnect_timeout_s: float = Field(10.0, alias="REALTIME_RECONNECT_TIMEOUT_S", gt=0)
     realtime_session_max_s: float = Field(55 * 60, alias="REALTIME_SESSION_MAX_S", gt=60)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="LOG_LEVEL")
@@ -311,7 +332,7 @@ def load_settings(
                 continue
             name = str(error["loc"][0])
             shown = cleaned.get(name, "")
-            secret = any(word in name for word in ("KEY", "TOKEN", "SECRET")) or name == "DATABASE_URL"
+            secret = any(word in name for word in SECRET_WORDS) or name == "DATABASE_URL"
             value = "" if secret else f" (got {shown!r})"
             message = error["msg"].removeprefix("Value error, ")
             lines.append(f"{name}: {message}{value}")

@@ -43,6 +43,18 @@ def test_values_of_secret_like_variables_are_never_echoed_in_errors() -> None:
     assert "sk-secret-ish" not in str(info.value)
 
 
+def test_a_short_console_password_stops_start_up_without_being_echoed() -> None:
+    with pytest.raises(SettingsError, match="CONSOLE_PASSWORD") as info:
+        load_settings({"CONSOLE_PASSWORD": "hunter2"}, dotenv=None)
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_price_must_be_a_finite_number_of_dollars_not_below_zero() -> None:
+    for bad in ("-1", "inf", "nan", "free"):
+        with pytest.raises(SettingsError, match="PRICE_AUDIO_OUTPUT_USD_PER_1M"):
+            load_settings({"PRICE_AUDIO_OUTPUT_USD_PER_1M": bad}, dotenv=None)
+
+
 def test_the_realtime_url_must_not_carry_a_query_string() -> None:
     with pytest.raises(SettingsError, match="OPENAI_REALTIME_URL"):
         load_settings({"OPENAI_REALTIME_URL": "wss://x/v1/realtime?model=a"}, dotenv=None)
