@@ -173,6 +173,27 @@ async def test_a_retried_failed_sms_is_looked_up_first_and_sent_once(rig: Rig) -
     assert await rig.outbox.requeue(message_id) == []
 
 
+async def test_the_counts_show_rows_on_their_way_and_failed_ones_with_the_oldest_waiting(rig: Rig) -> None:
+    empty = await rig.outbox.counts()
+    assert (empty.undelivered, empty.failed, empty.oldest_undelivered_at) == (
+        {"sms": 0, "webhook": 0},
+        {"sms": 0, "webhook": 0},
+        None,
+    )
+    rig.sim.unsubscribed.add("+15551230009")
+    first_queued_at = rig.clock.now
+    await rig.add(caller="+15551230009")
+    rig.clock.advance(5)
+    await rig.add()
+    counts = await rig.outbox.counts()
+    assert counts.undelivered == {"sms": 2, "webhook": 2}  # each webhook waits for its SMS
+    assert counts.oldest_undelivered_at == pytest.approx(first_queued_at)
+    await drain(rig.relay(), rig.clock)
+    settled = await rig.outbox.counts()
+    assert (settled.undelivered, settled.failed) == ({"sms": 0, "webhook": 0}, {"sms": 1, "webhook": 0})
+    assert settled.oldest_undelivered_at is None
+
+
 async def test_a_database_newer_than_the_bot_refuses_to_open_naming_it(rig: Rig) -> None:
     store = rig.stores()
     if isinstance(store, SqliteStore):

@@ -21,6 +21,7 @@ from bot.outbox.rows import (
     Channel,
     DisabledEndpoint,
     NewRow,
+    OutboxCounts,
     OutboxRow,
     RowKey,
     State,
@@ -235,6 +236,9 @@ class Outbox:
     async def get(self, message_id: str, channel: Channel) -> OutboxRow | None:
         return await self._read(self.store.get(message_id, channel))
 
+    async def counts(self) -> OutboxCounts:
+        return await self._read(self.store.counts())
+
     async def disabled_endpoints(self) -> list[DisabledEndpoint]:
         return await self._read(self.store.disabled_endpoints())
 
@@ -302,7 +306,11 @@ class Outbox:
         return await self._write(self.store.release(owner, keys, self._clock()))
 
     async def requeue(self, message_id: str) -> list[OutboxRow]:
-        return await self._write(self.store.requeue(message_id, self._clock()))
+        """Failed or dead rows of a message due again, the local relay woken; returns them as they were."""
+        requeued = await self._write(self.store.requeue(message_id, self._clock()))
+        if requeued:
+            self._notify()
+        return requeued
 
     async def purge(self, settled_before: float, limit: int) -> int:
         return await self._write(self.store.purge(settled_before, limit))

@@ -23,7 +23,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from bot.outbox.rows import COLUMNS, Channel, DisabledEndpoint, NewRow, OutboxRow, RowKey, State
+from bot.outbox.rows import (
+    COLUMNS,
+    COUNTS_SQL,
+    Channel,
+    DisabledEndpoint,
+    NewRow,
+    OutboxCounts,
+    OutboxRow,
+    RowKey,
+    State,
+)
 from bot.outbox.store import OutboxStore
 from bot.tools import OutboxUnavailable
 
@@ -229,6 +239,10 @@ class PostgresStore(OutboxStore):
                 f"{SELECT} WHERE message_id = $1 AND channel = $2", message_id, channel
             )
         return OutboxRow.from_db(record) if record is not None else None
+
+    async def counts(self) -> OutboxCounts:
+        async with self._connection() as conn:
+            return OutboxCounts.from_groups(await conn.fetch(COUNTS_SQL))
 
     async def claim(
         self,

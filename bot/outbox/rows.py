@@ -31,6 +31,15 @@ RowKey = tuple[str, Channel]
 OPEN_STATES: tuple[State, ...] = ("waiting", "pending", "sending", "ambiguous", "failed", "dead")
 SETTLED_STATES: tuple[State, ...] = ("sent", "failed", "dead")
 RETRYABLE_STATES: tuple[State, ...] = ("failed", "dead")
+# Not delivered yet, and still on its way: what an operator watches grow when a peer is down.
+UNDELIVERED_STATES: tuple[State, ...] = ("waiting", "pending", "sending", "ambiguous")
+CHANNELS: tuple[Channel, ...] = ("sms", "webhook")
+# The statement both stores run for `OutboxCounts` (SQLite and PostgreSQL both read it as is).
+COUNTS_SQL = (
+    "SELECT channel, state, COUNT(*) AS rows, MIN(created_at) AS oldest FROM outbox "
+    f"WHERE state IN ({', '.join(repr(s) for s in UNDELIVERED_STATES + RETRYABLE_STATES)}) "
+    "GROUP BY channel, state"
+)
 
 COLUMNS = (
     "message_id",
@@ -175,3 +184,31 @@ class DisabledEndpoint:
 def new_message_id() -> str:
     """'msg_' and 24 unambiguous characters; its first four are the SMS reference."""
     return "msg_" + "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_CHARS))
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxCounts:
+    """The outbox at a glance, for /metrics: rows still on their way, rows that failed, per channel.
+
+    `oldest_undelivered_at` is when the oldest row still on its way was queued (None: none is).
+    """
+
+    undelivered: dict[Channel, int]
+    failed: dict[Channel, int]
+    oldest_undelivered_at: float | None
+
+    @classmethod
+    def from_groups(cls, groups: list[Record]) -> OutboxCounts:
+        """From the rows of COUNTS_SQL: (channel, state, rows, oldest) per group."""
+        undelivered = dict.fromkeys(CHANNELS, 0)
+        failed = dict.fromkeys(CHANNELS, 0)
+        oldest: float | None = None
+        for group in groups:
+            channel, state, rows = group["channel"], group["state"], int(group["rows"])
+            if state in RETRYABLE_STATES:
+                failed[channel] += rows
+                continue
+            undelivered[channel] += rows
+            if oldest is None or group["oldest"] < oldest:
+                oldest = float(group["oldest"])
+        return cls(undelivered, failed, oldest)

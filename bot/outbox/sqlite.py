@@ -21,7 +21,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bot.outbox.rows import COLUMNS, Channel, DisabledEndpoint, NewRow, OutboxRow, RowKey, State
+from bot.outbox.rows import (
+    COLUMNS,
+    COUNTS_SQL,
+    Channel,
+    DisabledEndpoint,
+    NewRow,
+    OutboxCounts,
+    OutboxRow,
+    RowKey,
+    State,
+)
 from bot.outbox.store import OutboxStore
 from bot.tools import OutboxUnavailable
 
@@ -194,6 +204,12 @@ class SqliteStore(OutboxStore):
             sql = f"{SELECT} WHERE message_id = ? AND channel = ?"
             record = self._db().execute(sql, (message_id, channel)).fetchone()
             return OutboxRow.from_db(record) if record else None
+
+        return await self._run(read)
+
+    async def counts(self) -> OutboxCounts:
+        def read() -> OutboxCounts:
+            return OutboxCounts.from_groups(self._db().execute(COUNTS_SQL).fetchall())
 
         return await self._run(read)
 

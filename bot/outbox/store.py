@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from bot.outbox.rows import Channel, DisabledEndpoint, NewRow, OutboxRow, RowKey, State
+from bot.outbox.rows import Channel, DisabledEndpoint, NewRow, OutboxCounts, OutboxRow, RowKey, State
 
 
 class OutboxStore(ABC):
@@ -51,6 +51,10 @@ class OutboxStore(ABC):
 
     @abstractmethod
     async def get(self, message_id: str, channel: Channel) -> OutboxRow | None: ...
+
+    @abstractmethod
+    async def counts(self) -> OutboxCounts:
+        """Rows still on their way and rows that failed, per channel (one indexed query)."""
 
     @abstractmethod
     async def claim(
