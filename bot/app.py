@@ -6,7 +6,7 @@ Routes are listed first; each handler is short and hands real work to its module
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import hmac
 import logging
 import math
 import secrets
@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.datastructures import FormData, UploadFile
@@ -38,6 +39,7 @@ from bot.catalog import CatalogError
 from bot.cli import CommandParser, port_number, positive_int
 from bot.ephemeral import OpenAIRefused, OpenAITimedOut, OpenAIUnreachable, mint_client_secret
 from bot.logs import CallLog, configure_logging, mask_phone
+from bot.metrics import Metrics
 from bot.outbox import Outbox, open_outbox, running_outbox
 from bot.ratelimit import SlidingWindowLimiter
 from bot.settings import Settings, SettingsError, load_settings
@@ -73,6 +75,7 @@ def create_app(
         Route("/assistant/tools/{name}", assistant_tool, methods=["POST", "OPTIONS"]),
         Mount("/assistant", app=StaticFiles(directory=ASSISTANT_DIR), name="assistant"),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         WebSocketRoute("/media-stream", media_stream),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
@@ -86,6 +89,7 @@ class Runtime:
 
     settings: Settings
     clock: Callable[[], float]
+    metrics: Metrics = field(default_factory=Metrics)
     stream_key: bytes = b""
     session_limiter: SlidingWindowLimiter = field(init=False)
     tools_limiter: SlidingWindowLimiter = field(init=False)
@@ -140,12 +144,15 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     stores = runtime.stores
     if stores is None:
         stores = runtime.stores = await asyncio.to_thread(Stores.load, settings)
+    metrics = runtime.metrics
     async with httpx.AsyncClient(follow_redirects=False) as http:
         twilio = TwilioRest.from_settings(settings, http)
-        async with running_outbox(settings, http, twilio=twilio, stores=stores) as outbox:
+        async with running_outbox(settings, http, twilio=twilio, stores=stores, metrics=metrics) as outbox:
 
             def tools_for(store: Store) -> StoreTools:
-                return StoreTools(store, outbox, twilio=twilio is not None, clock=runtime.local_now)
+                return StoreTools(
+                    store, outbox, twilio=twilio is not None, clock=runtime.local_now, metrics=metrics
+                )
 
             runtime.http, runtime.outbox = http, outbox
             runtime.bridge = BridgeDeps(
@@ -157,13 +164,16 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                 outbox=outbox,
                 wall_clock=runtime.clock,
             )
-            watcher = asyncio.create_task(stores.watch(), name="stores-watch")
+            watchers = [
+                asyncio.create_task(stores.watch(), name="stores-watch"),
+                asyncio.create_task(metrics.watch_event_loop(), name="event-loop-lag"),
+            ]
             try:
                 yield
             finally:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+                for watcher in watchers:
+                    watcher.cancel()
+                await asyncio.gather(*watchers, return_exceptions=True)
                 runtime.http = runtime.outbox = runtime.bridge = None
 
 
@@ -413,7 +423,7 @@ async def assistant_tool(request: Request) -> Response:
     store, refusal = requested_store(request, cors)
     if refusal is not None:
         return refusal
-    tools = BrowserTools(store, media_base_url=runtime.settings.media_base_url)
+    tools = BrowserTools(store, media_base_url=runtime.settings.media_base_url, metrics=runtime.metrics)
     name = request.path_params["name"]
     headers = {**cors, "Cache-Control": "no-store"}
     if name not in BrowserTools.names:
@@ -453,6 +463,28 @@ async def healthz(request: Request) -> Response:
         stats = runtime.bridge.stats
         body["calls"] = {"active": len(runtime.bridge.active_calls), "started": stats.calls_started}
     return JSONResponse(body)
+
+
+# --- GET /metrics ----------------------------------------------------------------------
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus's text format; behind `Authorization: Bearer METRICS_TOKEN` when that is set."""
+    runtime: Runtime = request.app.state.runtime
+    token = runtime.settings.metrics_token
+    if token is not None and not bearer_token_matches(request, token):
+        return Response("metrics need the bearer token (METRICS_TOKEN)\n", 401, headers=BEARER_CHALLENGE)
+    outbox = runtime.outbox
+    body = await runtime.metrics.exposition(outbox.counts if outbox else None, runtime.clock())
+    return Response(body, media_type=PROMETHEUS_CONTENT_TYPE, headers={"Cache-Control": "no-store"})
+
+
+BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="metrics"'}
+
+
+def bearer_token_matches(request: Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 # --- python -m bot serve ---------------------------------------------------------------

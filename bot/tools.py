@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bot.catalog import Catalog, SearchHit
 from bot.logs import CallLog, mask_phone
+from bot.metrics import Metrics
 from bot.products import JsonData, Product, ProductsCollection, with_absolute_links
 from bot.stores import Destination, Store, local_now
 from bot.words import BY_CODE, ResultWords, SmsWords, Words, en
@@ -187,6 +189,8 @@ class CallContext:
 
 
 CallAction = Literal["transfer", "end_call"]
+# How a tool call went, for /metrics: ran and answered, answered with an error, or never ran.
+ToolOutcome = Literal["ok", "error", "bad_arguments", "unknown_tool", "crashed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,6 +393,11 @@ def _no_match_summary(catalog: Catalog, args: SearchArgs, words: ResultWords) ->
     return words.closest_without_limits.format(limits=joined, mention=_mention(closest[0], words))
 
 
+def outcome_of(output: str) -> ToolOutcome:
+    """A tool's output says it failed the way every tool here does: an `error` field."""
+    return "error" if "error" in json.loads(output) else "ok"
+
+
 class StoreTools:
     """The agent's tools for one store: its catalog, its texting number and call center, its
     staff (implements `Toolbox`).
@@ -397,6 +406,8 @@ class StoreTools:
     `clock`: the wall clock opening hours are read on.
     """
 
+    names = frozenset(PHONE_TOOL_NAMES)
+
     def __init__(
         self,
         store: Store,
@@ -404,12 +415,14 @@ class StoreTools:
         *,
         twilio: bool,
         clock: Callable[[], datetime] = local_now,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self._outbox = outbox
         self._twilio = twilio
         self._clock = clock
         self._words = store.words.results
+        self._metrics = metrics or Metrics()
 
     @property
     def sms_enabled(self) -> bool:
@@ -421,6 +434,13 @@ class StoreTools:
 
     async def run(self, name: str, arguments: str, context: CallContext) -> ToolResult:
         """Run one tool call; every failure becomes an `{"error": ...}` output, never a raise."""
+        started = time.perf_counter()
+        result, outcome = await self._run(name, arguments, context)
+        tool = name if name in self.names else "unknown"
+        self._metrics.tool_ran("phone", tool, outcome, time.perf_counter() - started)
+        return result
+
+    async def _run(self, name: str, arguments: str, context: CallContext) -> tuple[ToolResult, ToolOutcome]:
         call_log = CallLog(log, call_sid=context.call_sid)
         try:
             if name == "search_products":
@@ -438,15 +458,15 @@ class StoreTools:
             else:
                 known = ", ".join(PHONE_TOOL_NAMES)
                 call_log.warning("unknown tool requested", extra={"tool": name[:64]})
-                return _error(f"there is no tool named {name[:64]!r}; the tools are {known}")
+                return _error(f"there is no tool named {name[:64]!r}; the tools are {known}"), "unknown_tool"
         except BadArguments as exc:
             call_log.warning("bad tool arguments", extra={"tool": name, "reason": str(exc)})
-            return _error(f"{name}: {exc}. Fix the arguments and call it again.")
+            return _error(f"{name}: {exc}. Fix the arguments and call it again."), "bad_arguments"
         except Exception:
             call_log.exception("tool failed", extra={"tool": name})
-            return _error(f"{name} failed unexpectedly. Apologize and offer another way to help.")
+            return _error(f"{name} failed unexpectedly. Apologize and offer another way to help."), "crashed"
         call_log.info("tool ran", extra={"tool": name, "action": result.action})
-        return result
+        return result, outcome_of(result.output)
 
     def search_products(self, args: SearchArgs) -> ToolResult:
         return ToolResult(search_catalog(self.store.catalog, args, self._words))
@@ -551,12 +571,20 @@ class BrowserTools:
 
     names = BROWSER_TOOL_NAMES
 
-    def __init__(self, store: Store, *, media_base_url: str) -> None:
+    def __init__(self, store: Store, *, media_base_url: str, metrics: Metrics | None = None) -> None:
         self.store = store
         self._media_base_url = media_base_url
+        self._metrics = metrics or Metrics()
 
     async def run(self, name: str, arguments: str) -> BrowserToolResult:
         """Run one tool call; every failure becomes an `{"error": ...}` output, never a raise."""
+        started = time.perf_counter()
+        result, outcome = await self._run(name, arguments)
+        tool = name if name in self.names else "unknown"
+        self._metrics.tool_ran("browser", tool, outcome, time.perf_counter() - started)
+        return result
+
+    async def _run(self, name: str, arguments: str) -> tuple[BrowserToolResult, ToolOutcome]:
         words = self.store.words.results
         try:
             if name == "search_products":
@@ -568,17 +596,18 @@ class BrowserTools:
             else:
                 log.warning("unknown browser tool requested", extra={"tool": name[:64]})
                 error = f"there is no tool named {name[:64]!r}; the tools are {', '.join(self.names)}"
-                return BrowserToolResult(_output(error=error))
+                return BrowserToolResult(_output(error=error)), "unknown_tool"
         except BadArguments as exc:
             log.warning("bad browser tool arguments", extra={"tool": name, "reason": str(exc)})
-            return BrowserToolResult(_output(error=f"{name}: {exc}. Fix the arguments and call it again."))
+            output = _output(error=f"{name}: {exc}. Fix the arguments and call it again.")
+            return BrowserToolResult(output), "bad_arguments"
         except Exception:
             log.exception("browser tool failed", extra={"tool": name})
             message = f"{name} failed unexpectedly. Apologize and offer another way to help."
-            return BrowserToolResult(_output(error=message))
+            return BrowserToolResult(_output(error=message)), "crashed"
         shown = len(result.collection.JsonData.products) if result.collection else 0
         log.info("browser tool ran", extra={"tool": name, "products_shown": shown, "store": self.store.id})
-        return result
+        return result, outcome_of(result.output)
 
     def show_products(self, args: ShowArgs) -> BrowserToolResult:
         """The known products go to the page with links it can open; the model gets their names."""

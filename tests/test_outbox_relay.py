@@ -209,6 +209,17 @@ async def test_a_down_then_503_receiver_gets_one_acknowledged_delivery_with_one_
     assert verify(delivery)["data"]["message_id"] == hook.message_id
 
 
+async def test_each_webhook_attempt_and_sms_outcome_is_counted_for_metrics(rig: Rig) -> None:
+    relay = rig.relay()
+    rig.receiver.script = [(500, {})]
+    rig.sim.unsubscribed.add("+15551230009")
+    await rig.add(caller="+15551230009")
+    await drain(relay, rig.clock)
+    attempts = relay.metrics.samples("voicebot_webhook_attempts_total", "result")
+    assert attempts == {"failed": 1, "delivered": 1}
+    assert relay.metrics.sample("voicebot_sms_total", status="failed", code="21610") == 1
+
+
 async def test_a_tampered_body_a_wrong_secret_or_an_old_timestamp_fail_verification(rig: Rig) -> None:
     await rig.add()
     await drain(rig.relay(), rig.clock)

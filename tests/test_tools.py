@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from bot.catalog import Catalog
+from bot.metrics import Metrics
 from bot.products import ProductsCollection
 from bot.settings import SAMPLE_CATALOG_PATH
 from bot.stores import Destination, HoursConfig, Store
@@ -482,3 +483,42 @@ async def test_a_spanish_store_texts_in_spanish_whatever_the_model_says(catalog:
     assert "language" not in {t["name"]: t for t in phone_tools(es.WORDS)}["send_product_details"][
         "parameters"
     ]["properties"]
+
+
+@pytest.mark.anyio
+async def test_each_tool_call_is_counted_by_tool_and_result_unknown_names_pooled(catalog: Catalog) -> None:
+    metrics = Metrics()
+    store = Store(id="default", name=None, language="auto", voice="marin", catalog=catalog)
+    tools = StoreTools(store, RecordingOutbox(), twilio=True, metrics=metrics)
+    await call(tools, "search_products", {"query": "washer"})
+    await call(tools, "send_product_details", {"skus": ["NOPE-1"]})
+    await call(tools, "send_product_details", "not json")
+    await call(tools, "order_pizza", {})
+    await call(tools, "drop_tables", {})
+    counted = {
+        (tool, result): metrics.sample("voicebot_tool_calls_total", channel="phone", tool=tool, result=result)
+        for tool, result in [
+            ("search_products", "ok"),
+            ("send_product_details", "error"),
+            ("send_product_details", "bad_arguments"),
+            ("unknown", "unknown_tool"),
+        ]
+    }
+    assert counted == {
+        ("search_products", "ok"): 1,
+        ("send_product_details", "error"): 1,
+        ("send_product_details", "bad_arguments"): 1,
+        ("unknown", "unknown_tool"): 2,
+    }
+    timed = metrics.sample("voicebot_tool_duration_seconds_count", channel="phone", tool="search_products")
+    assert timed == 1
+
+
+@pytest.mark.anyio
+async def test_browser_tool_calls_are_counted_on_their_own_channel(catalog: Catalog) -> None:
+    metrics = Metrics()
+    store = Store(id="default", name=None, language="auto", voice="marin", catalog=catalog)
+    tools = BrowserTools(store, media_base_url=MEDIA, metrics=metrics)
+    await tools.run("show_products", json.dumps({"skus": ["WM-2024-X500"]}))
+    sample = metrics.sample("voicebot_tool_calls_total", channel="browser", tool="show_products", result="ok")
+    assert sample == 1

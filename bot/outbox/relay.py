@@ -45,6 +45,7 @@ import httpx
 
 from bot import __version__
 from bot.logs import CallLog, mask_phone
+from bot.metrics import Metrics
 from bot.outbox.messages import (
     SmsPart,
     SmsStyle,
@@ -91,6 +92,10 @@ SECONDS_PER_DAY = 86400.0
 CHANNELS: tuple[Channel, ...] = ("sms", "webhook")
 
 T = TypeVar("T")
+
+
+# An attempt's verdict as /metrics names it: a retried one simply failed.
+WEBHOOK_RESULTS = {"delivered": "delivered", "retry": "failed", "permanent": "refused", "gone": "gone"}
 
 
 class LeaseLost(Exception):
@@ -169,6 +174,7 @@ class Relay:
     db_retry_s: float = DB_RETRY_S
     endpoint_check_s: float = ENDPOINT_CHECK_S
     stores: Stores | None = None
+    metrics: Metrics = field(default_factory=Metrics)
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _loop_task: asyncio.Task[None] | None = field(default=None, init=False)
     _inflight: dict[RowKey, asyncio.Task[None]] = field(default_factory=dict, init=False)
@@ -479,6 +485,7 @@ class Relay:
         await self._record(
             claim, state=state, next_attempt_at=self.clock() + delay, last_error=reason, result=sids
         )
+        self.metrics.sms_outcome("retry", None)
 
     async def _settle_sms(
         self,
@@ -505,6 +512,7 @@ class Relay:
         )
         if not settled:
             raise LeaseLost
+        self.metrics.sms_outcome(state, error_code)
         to = mask_phone(claim.row.recipient)
         if state == "sent":
             call_log.info("SMS sent", extra={"to": to, "parts": len(sids)})
@@ -547,6 +555,7 @@ class Relay:
             call_log.error("webhook refused", extra={"reason": outcome.reason, "event": row.kind})
         else:
             await self._retry_webhook(claim, call_log, outcome)
+        self.metrics.webhook_attempt(row.kind, WEBHOOK_RESULTS[outcome.verdict])
 
     async def _hold_for_operator(
         self, claim: Claim, call_log: CallLog, url: str, outcome: WebhookOutcome
@@ -645,12 +654,12 @@ async def running_outbox(
     *,
     twilio: TwilioRest | None = None,
     stores: Stores | None = None,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[Outbox]:
     """Open the configured outbox and relay it until the block exits (the app's lifespan)."""
     outbox = await open_outbox(settings)
-    relay = Relay(
-        outbox, settings, http, twilio or TwilioRest.from_settings(settings, http), stores=stores
-    )
+    twilio = twilio or TwilioRest.from_settings(settings, http)
+    relay = Relay(outbox, settings, http, twilio, stores=stores, metrics=metrics or Metrics())
     await relay.start()
     try:
         yield outbox
