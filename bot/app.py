@@ -39,7 +39,7 @@ from bot.catalog import CatalogError
 from bot.cli import CommandParser, port_number, positive_int
 from bot.ephemeral import OpenAIRefused, OpenAITimedOut, OpenAIUnreachable, mint_client_secret
 from bot.logs import CallLog, configure_logging, mask_phone
-from bot.metrics import Metrics
+from bot.metrics import Metrics, shared_by_workers
 from bot.outbox import Outbox, open_outbox, running_outbox
 from bot.ratelimit import SlidingWindowLimiter
 from bot.settings import Settings, SettingsError, load_settings
@@ -558,16 +558,17 @@ def main(argv: list[str]) -> int:
     # One process serves the app built here, with the stores and catalogs already loaded; several
     # workers each build their own through the factory (uvicorn needs an import string to spawn them).
     app: Starlette | str = "bot.app:app_from_environment"
-    if workers == 1:
-        app = create_app(settings, stores=stores)
-    uvicorn.run(
-        app,
-        factory=workers > 1,
-        workers=workers,
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        ws_max_size=MAX_MESSAGE_BYTES,
-        log_config=None,
-        proxy_headers=True,
-    )
+    with shared_by_workers(workers):
+        if workers == 1:
+            app = create_app(settings, stores=stores)
+        uvicorn.run(
+            app,
+            factory=workers > 1,
+            workers=workers,
+            host=args.host or settings.host,
+            port=args.port or settings.port,
+            ws_max_size=MAX_MESSAGE_BYTES,
+            log_config=None,
+            proxy_headers=True,
+        )
     return 0

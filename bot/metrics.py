@@ -19,8 +19,11 @@ process shares that database, so they describe the whole deployment and are neve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,6 +69,33 @@ def multiprocess_dir() -> Path | None:
     """Where the processes of `serve --workers N` write their values; None for one process."""
     path = os.environ.get(MULTIPROC_DIR_ENV)
     return Path(path) if path else None
+
+
+@contextlib.contextmanager
+def shared_by_workers(workers: int) -> Iterator[Path | None]:
+    """Around `serve`'s uvicorn.run: with several workers, the folder they all write their values to.
+
+    Set before the workers start, so each imports prometheus-client in multiprocess mode. An
+    operator's own PROMETHEUS_MULTIPROC_DIR is used and emptied of the last run's files (stale
+    values would add up with the new ones); otherwise a temporary folder, removed at exit.
+    """
+    chosen = multiprocess_dir()
+    if chosen is not None:
+        chosen.mkdir(parents=True, exist_ok=True)
+        for stale in chosen.glob("*.db"):
+            stale.unlink()
+        yield chosen
+        return
+    if workers == 1:
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="voicebot-metrics-"))
+    os.environ[MULTIPROC_DIR_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        del os.environ[MULTIPROC_DIR_ENV]
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class Metrics:

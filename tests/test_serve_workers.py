@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from scrape import scrape
 
 from bot.settings import SAMPLE_CATALOG_PATH
 from bot.sim.phone import PhoneCall, dial
@@ -57,6 +58,12 @@ async def both_workers(parent: int) -> list[int]:
             return workers
         await asyncio.sleep(0.05)
     raise AssertionError("uvicorn did not start two workers")
+
+
+def metrics_folder(worker: int) -> Path:
+    """The PROMETHEUS_MULTIPROC_DIR that serve handed its workers."""
+    environ = dict(v.split(b"=", 1) for v in Path(f"/proc/{worker}/environ").read_bytes().split(b"\0") if v)
+    return Path(environ[b"PROMETHEUS_MULTIPROC_DIR"].decode())
 
 
 def pause(pid: int) -> None:
@@ -115,6 +122,13 @@ async def test_a_stream_token_minted_by_one_worker_is_accepted_by_the_other_and_
         await receiver.wait_until(
             lambda: len({d.headers["webhook-id"] for d in receiver.acknowledged()}) == 4, 20
         )
+        scrapes = []
+        for paused in (second, first):
+            pause(paused)  # each worker alone answers a scrape: each must add both up
+            try:
+                scrapes.append(await scrape(server.base_url))
+            finally:
+                resume(paused)
     except BaseException:
         print(server.log_tail())
         raise
@@ -127,6 +141,42 @@ async def test_a_stream_token_minted_by_one_worker_is_accepted_by_the_other_and_
     assert sorted(e["type"] for e in events) == ["call.completed"] * 2 + ["products.sent"] * 2
     assert all(e["data"]["sms"]["status"] == "sent" for e in events if e["type"] == "products.sent")
     assert len(receiver.received) == 4, "no webhook went out twice"
+    for scraped in scrapes:
+        assert scraped.value("voicebot_processes") == 2
+        tool = {"channel": "phone", "tool": "send_product_details", "result": "ok"}
+        assert scraped.value("voicebot_tool_calls_total", **tool) == 2
+        assert scraped.value("voicebot_sms_total", status="sent", code="") == 2
+        delivered = {"products.sent": 2, "call.completed": 2}
+        assert scraped.by("voicebot_webhook_attempts_total", "event") == delivered
+
+
+async def test_a_killed_worker_is_replaced_and_its_live_gauges_no_longer_count(tmp_path: Path) -> None:
+    env = {"STREAM_SIGNING_KEY": "k" * 32, "DATABASE_PATH": str(tmp_path / "outbox.sqlite3")}
+    server = ServeProcess({**os.environ, **env}, tmp_path, "--workers", "2", name="serve")
+    try:
+        await server.start()
+        workers = await both_workers(server.pid)
+        folder = metrics_folder(workers[0])
+        os.kill(workers[0], signal.SIGKILL)
+        for _ in range(600):
+            if (now := worker_pids(server.pid)) and len(now) == 2 and workers[0] not in now:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("uvicorn did not replace the killed worker")
+        seen = []  # the dead worker's gauge must never count: 1 until its successor is up, then 2
+        for _ in range(300):
+            seen.append((await scrape(server.base_url)).value("voicebot_processes"))
+            if seen[-1] == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert seen[-1] == 2 and max(seen) == 2, seen
+    except BaseException:
+        print(server.log_tail())
+        raise
+    finally:
+        await server.stop()
+    assert not folder.exists(), "serve removes the metrics folder it made"
 
 
 async def steered_call(
