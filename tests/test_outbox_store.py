@@ -194,6 +194,15 @@ async def test_the_counts_show_rows_on_their_way_and_failed_ones_with_the_oldest
     assert settled.oldest_undelivered_at is None
 
 
+async def test_the_latest_rows_are_the_most_recently_queued_still_oldest_first(rig: Rig) -> None:
+    ids = []
+    for _ in range(3):
+        ids.append(await rig.add())
+        rig.clock.advance(1)
+    latest = await rig.outbox.list_rows(("pending",), latest=2)
+    assert [row.message_id for row in latest] == ids[1:]
+
+
 async def test_a_database_newer_than_the_bot_refuses_to_open_naming_it(rig: Rig) -> None:
     store = rig.stores()
     if isinstance(store, SqliteStore):

@@ -229,9 +229,11 @@ class Outbox:
 
     # -- reading (operators and tests)
 
-    async def list_rows(self, states: Iterable[State] | None = None) -> list[OutboxRow]:
-        """Rows, oldest first; all of them when `states` is None."""
-        return await self._read(self.store.list_rows(tuple(states) if states is not None else None))
+    async def list_rows(
+        self, states: Iterable[State] | None = None, latest: int | None = None
+    ) -> list[OutboxRow]:
+        """Rows, oldest first; all of them when `states` is None; the `latest` queued when given."""
+        return await self._read(self.store.list_rows(tuple(states) if states is not None else None, latest))
 
     async def get(self, message_id: str, channel: Channel) -> OutboxRow | None:
         return await self._read(self.store.get(message_id, channel))

@@ -222,16 +222,18 @@ class PostgresStore(OutboxStore):
             await conn.executemany(sql, [row.values() for row in rows])
             await conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
 
-    async def list_rows(self, states: tuple[State, ...] | None) -> list[OutboxRow]:
+    async def list_rows(self, states: tuple[State, ...] | None, latest: int | None = None) -> list[OutboxRow]:
+        where = "" if states is None else "WHERE state = ANY($1::text[])"
+        args: list[Any] = [] if states is None else [list(states)]
+        if latest is None:
+            order = "ORDER BY created_at, message_id, channel"
+        else:
+            order = f"ORDER BY created_at DESC, message_id DESC, channel DESC LIMIT ${len(args) + 1}"
+            args.append(latest)
         async with self._connection() as conn:
-            if states is None:
-                records = await conn.fetch(f"{SELECT} ORDER BY created_at, message_id, channel")
-            else:
-                records = await conn.fetch(
-                    f"{SELECT} WHERE state = ANY($1::text[]) ORDER BY created_at, message_id, channel",
-                    list(states),
-                )
-        return [OutboxRow.from_db(r) for r in records]
+            records = await conn.fetch(f"{SELECT} {where} {order}", *args)
+        rows = [OutboxRow.from_db(r) for r in records]
+        return rows if latest is None else rows[::-1]
 
     async def get(self, message_id: str, channel: Channel) -> OutboxRow | None:
         async with self._connection() as conn:

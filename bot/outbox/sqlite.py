@@ -189,11 +189,15 @@ class SqliteStore(OutboxStore):
 
         await self._run(self._transaction, work)
 
-    async def list_rows(self, states: tuple[State, ...] | None) -> list[OutboxRow]:
+    async def list_rows(self, states: tuple[State, ...] | None, latest: int | None = None) -> list[OutboxRow]:
         def read() -> list[OutboxRow]:
-            sql, params = SELECT, list(states or ())
+            sql, params = SELECT, list[object](states or ())
             if states is not None:
                 sql += f" WHERE state IN ({placeholders(len(states))})"
+            if latest is not None:
+                sql += " ORDER BY created_at DESC, message_id DESC, channel DESC LIMIT ?"
+                params.append(latest)
+                return [OutboxRow.from_db(r) for r in self._db().execute(sql, params)][::-1]
             sql += " ORDER BY created_at, message_id, channel"
             return [OutboxRow.from_db(r) for r in self._db().execute(sql, params)]
 

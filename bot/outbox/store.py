@@ -46,8 +46,8 @@ class OutboxStore(ABC):
         """All rows in one transaction: a message is queued whole or not at all."""
 
     @abstractmethod
-    async def list_rows(self, states: tuple[State, ...] | None) -> list[OutboxRow]:
-        """Oldest first."""
+    async def list_rows(self, states: tuple[State, ...] | None, latest: int | None = None) -> list[OutboxRow]:
+        """Oldest first; only the `latest` most recently queued ones when given."""
 
     @abstractmethod
     async def get(self, message_id: str, channel: Channel) -> OutboxRow | None: ...
