@@ -6,7 +6,6 @@ Routes are listed first; each handler is short and hands real work to its module
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
 import secrets
@@ -27,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
@@ -37,7 +36,19 @@ from bot import __version__
 from bot.bridge import BridgeDeps, serve_media_stream
 from bot.catalog import CatalogError
 from bot.cli import CommandParser, port_number, positive_int
+from bot.console import (
+    CONSOLE_DIR,
+    FAILED_LOGINS_PER_MINUTE,
+    PAGE_HEADERS,
+    asset,
+    event_stream,
+    operator_refusal,
+    outbox_view,
+    retry,
+    same_secret,
+)
 from bot.ephemeral import OpenAIRefused, OpenAITimedOut, OpenAIUnreachable, mint_client_secret
+from bot.feed import CallFeed
 from bot.logs import CallLog, configure_logging, mask_phone
 from bot.metrics import Metrics, shared_by_workers
 from bot.outbox import Outbox, open_outbox, running_outbox
@@ -74,6 +85,11 @@ def create_app(
         Route("/", assistant_page, methods=["GET"]),
         Route("/assistant/tools/{name}", assistant_tool, methods=["POST", "OPTIONS"]),
         Mount("/assistant", app=StaticFiles(directory=ASSISTANT_DIR), name="assistant"),
+        Route("/console", console_page, methods=["GET"]),
+        Route("/console/assets/{name}", console_asset, methods=["GET"]),
+        Route("/console/feed", console_feed, methods=["GET"]),
+        Route("/console/outbox", console_outbox, methods=["GET"]),
+        Route("/console/outbox/{message_id}/retry", console_retry, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         WebSocketRoute("/media-stream", media_stream),
@@ -93,6 +109,8 @@ class Runtime:
     stream_key: bytes = b""
     session_limiter: SlidingWindowLimiter = field(init=False)
     tools_limiter: SlidingWindowLimiter = field(init=False)
+    console_limiter: SlidingWindowLimiter = field(init=False)
+    feed: CallFeed | None = field(init=False)
     stores: Stores | None = None
     http: httpx.AsyncClient | None = None
     bridge: BridgeDeps | None = None
@@ -106,6 +124,10 @@ class Runtime:
         self.tools_limiter = SlidingWindowLimiter(
             self.settings.assistant_tools_rate_limit_per_minute, 60.0, clock=self.clock
         )
+        self.console_limiter = SlidingWindowLimiter(FAILED_LOGINS_PER_MINUTE, 60.0, clock=self.clock)
+        # Only with the console on does the bridge tell a feed about its calls.
+        console_on = self.settings.console_password is not None
+        self.feed = CallFeed(media_base_url=self.settings.media_base_url) if console_on else None
 
     def local_now(self) -> datetime:
         return datetime.fromtimestamp(self.clock()).astimezone()
@@ -115,8 +137,8 @@ class Runtime:
         reasons: dict[str, str] = {}
         if self.outbox is not None:
             reasons.update(self.outbox.problems())
-        if self.bridge is not None and self.bridge.stats.last_realtime_refusal:
-            reasons["realtime"] = self.bridge.stats.last_realtime_refusal
+        if self.bridge is not None and self.bridge.realtime_refusal:
+            reasons["realtime"] = self.bridge.realtime_refusal
         return reasons
 
 
@@ -162,6 +184,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                 tools_for=tools_for,
                 twilio=twilio,
                 outbox=outbox,
+                metrics=metrics,
+                feed=runtime.feed,
                 wall_clock=runtime.clock,
             )
             watchers = [
@@ -446,6 +470,71 @@ async def assistant_tool(request: Request) -> Response:
     return JSONResponse({"output": result.output, "collection": collection}, headers=headers)
 
 
+# --- /console: the operators' page, its live feed, the outbox ---------------------------
+
+
+def console_refusal(request: Request) -> Response | None:
+    runtime: Runtime = request.app.state.runtime
+    return operator_refusal(request, runtime.settings.console_password, runtime.console_limiter)
+
+
+async def console_page(request: Request) -> Response:
+    if (refusal := console_refusal(request)) is not None:
+        return refusal
+    return FileResponse(CONSOLE_DIR / "index.html", headers=PAGE_HEADERS)
+
+
+async def console_asset(request: Request) -> Response:
+    if (refusal := console_refusal(request)) is not None:
+        return refusal
+    found = asset(request.path_params["name"])
+    if found is None:
+        return Response(status_code=404)
+    path, media_type = found
+    return FileResponse(path, media_type=media_type, headers=PAGE_HEADERS)
+
+
+async def console_feed(request: Request) -> Response:
+    """Server-sent events: a snapshot of the calls, then each change as it happens."""
+    if (refusal := console_refusal(request)) is not None:
+        return refusal
+    feed = request.app.state.runtime.feed
+    assert feed is not None, "the console is on, so the app built its feed"
+    headers = {**PAGE_HEADERS, "X-Accel-Buffering": "no"}  # nginx: pass each event on at once
+    return StreamingResponse(event_stream(feed), media_type="text/event-stream", headers=headers)
+
+
+async def console_outbox(request: Request) -> Response:
+    if (refusal := console_refusal(request)) is not None:
+        return refusal
+    outbox = request.app.state.runtime.outbox
+    assert outbox is not None, "the app's lifespan opens the outbox"
+    try:
+        view = await outbox_view(outbox)
+    except OutboxUnavailable as exc:
+        return JSONResponse({"error": f"the outbox cannot be read: {exc}"}, 503, headers=NO_STORE)
+    return JSONResponse(view, headers=NO_STORE)
+
+
+async def console_retry(request: Request) -> Response:
+    """The retry button. Basic credentials ride along on any site's request to this origin, so
+    only a request the console page itself sent (its Origin is ours) is obeyed."""
+    if (refusal := console_refusal(request)) is not None:
+        return refusal
+    runtime: Runtime = request.app.state.runtime
+    origin = request.headers.get("origin", "").rstrip("/")
+    if origin != public_base_url(request, runtime.settings):
+        return JSONResponse({"error": "retry from the console page itself"}, 403, headers=NO_STORE)
+    assert runtime.outbox is not None, "the app's lifespan opens the outbox"
+    try:
+        return await retry(runtime.outbox, request.path_params["message_id"])
+    except OutboxUnavailable as exc:
+        return JSONResponse({"error": f"the outbox cannot be written: {exc}"}, 503, headers=NO_STORE)
+
+
+NO_STORE = {"Cache-Control": "no-store"}
+
+
 # --- GET /healthz ----------------------------------------------------------------------
 
 
@@ -460,8 +549,8 @@ async def healthz(request: Request) -> Response:
     if degraded:
         body["degraded"] = degraded
     if runtime.bridge is not None:
-        stats = runtime.bridge.stats
-        body["calls"] = {"active": len(runtime.bridge.active_calls), "started": stats.calls_started}
+        started = int(runtime.metrics.sample("voicebot_calls_started_total"))
+        body["calls"] = {"active": len(runtime.bridge.active_calls), "started": started}
     return JSONResponse(body)
 
 
@@ -484,7 +573,7 @@ BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="metrics"'}
 
 def bearer_token_matches(request: Request, token: str) -> bool:
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    return scheme.lower() == "bearer" and same_secret(given.strip(), token)
 
 
 # --- python -m bot serve ---------------------------------------------------------------

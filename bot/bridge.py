@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,14 +43,18 @@ from bot.call import (
     ToRealtime,
     ToTwilio,
     Transfer,
+    TurnTimed,
 )
+from bot.feed import CallFeed
 from bot.logs import CallLog, mask_phone
+from bot.metrics import Metrics
+from bot.pricing import Prices, add_up, tokens_by_kind
 from bot.realtime import RealtimeClient, RealtimeError, RealtimeRefused, connect_realtime
 from bot.realtime_events import Malformed
 from bot.settings import Settings
 from bot.stores import DEFAULT_STORE_ID, Destination, Store, Stores
 from bot.stream_token import check_stream_token
-from bot.tools import Agent, CallContext, Toolbox, ToolResult, greeting_line, phone_agent
+from bot.tools import Agent, CallContext, Toolbox, ToolResult, greeting_line, outcome_of, phone_agent
 from bot.twilio_rest import TwilioError, TwilioRest
 from bot.twilio_stream import (
     TWILIO_MEDIA_FORMAT,
@@ -94,24 +98,6 @@ class CallRecordSink(Protocol):
 
 
 @dataclass
-class BridgeStats:
-    """Counters over all calls, for /healthz and tests."""
-
-    stream_rejected: Counter[str] = field(default_factory=Counter)
-    junk_frames: Counter[str] = field(default_factory=Counter)
-    realtime_junk_events: Counter[str] = field(default_factory=Counter)
-    frames_before_start: int = 0
-    uplink_frames_dropped: int = 0
-    calls_started: int = 0
-    calls_ended: int = 0
-    realtime_reconnects: int = 0
-    realtime_rotations: int = 0
-    realtime_refused: int = 0
-    last_realtime_refusal: str | None = None
-    fallback_redirects: int = 0
-
-
-@dataclass
 class BridgeDeps:
     """What a call needs from the app; built once in the app's lifespan.
 
@@ -126,11 +112,18 @@ class BridgeDeps:
     twilio: TwilioRest | None = None
     outbox: CallRecordSink | None = None
     active_calls: dict[str, CallBridge] = field(default_factory=dict)
-    stats: BridgeStats = field(default_factory=BridgeStats)
+    metrics: Metrics = field(default_factory=Metrics)
+    feed: CallFeed | None = None
     wall_clock: Callable[[], float] = time.time
     start_timeout_s: float = START_TIMEOUT_S
     downlink_max_messages: int = DOWNLINK_MAX_MESSAGES
     control_grace_s: float = CONTROL_GRACE_S
+    # Why the last Realtime connection was refused (for /healthz); None once one succeeds.
+    realtime_refusal: str | None = None
+    prices: Prices = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prices = Prices.from_settings(self.settings)
 
 
 async def serve_media_stream(websocket: WebSocket, deps: BridgeDeps) -> None:
@@ -138,10 +131,10 @@ async def serve_media_stream(websocket: WebSocket, deps: BridgeDeps) -> None:
 
     Before `start` nothing is opened; every way a stream can fail to begin ends in a close frame
     (a refused upgrade in HTTP 403) and one count in `stream_rejected`, never in an exception."""
-    stats = deps.stats
+    metrics = deps.metrics
     refusal = upgrade_refusal(websocket, deps.settings)
     if refusal is not None:
-        stats.stream_rejected[refusal] += 1
+        metrics.stream_rejected(refusal)
         logger.warning("media stream refused: %s", refusal.replace("_", " "), extra={"reason": refusal})
         await websocket.close(CLOSE_POLICY_VIOLATION)
         return
@@ -153,7 +146,7 @@ async def serve_media_stream(websocket: WebSocket, deps: BridgeDeps) -> None:
     store_id = start.custom_parameters.get("store", DEFAULT_STORE_ID)
     reason = _start_refusal(start, store_id, deps)
     if reason is not None:
-        stats.stream_rejected[reason] += 1
+        metrics.stream_rejected(reason)
         call_log.warning("media stream refused: %s", reason.replace("_", " "), extra={"reason": reason})
         await _close(websocket, CLOSE_POLICY_VIOLATION, reason.replace("_", " "))
         return
@@ -207,7 +200,7 @@ def _start_refusal(start: Start, store_id: str, deps: BridgeDeps) -> str | None:
 async def _wait_for_start(websocket: WebSocket, deps: BridgeDeps) -> Start | None:
     """Reads until `start`; media before it is ignored. None when the socket is done (closed
     here with 1008 and counted when the stream failed, with 1000 when Twilio stopped it)."""
-    stats = deps.stats
+    metrics = deps.metrics
     junk = _JunkMeter()
     try:
         async with asyncio.timeout(deps.start_timeout_s):
@@ -223,22 +216,22 @@ async def _wait_for_start(websocket: WebSocket, deps: BridgeDeps) -> Start | Non
                     await _close(websocket, CLOSE_NORMAL, "stopped")
                     return None
                 if isinstance(parsed, Media):
-                    stats.frames_before_start += 1
+                    metrics.frame_before_start()
                 elif isinstance(parsed, ProtocolViolation):
-                    stats.junk_frames[parsed.kind] += 1
+                    metrics.junk_frame(parsed.kind)
                     if parsed.event == "start":
                         reason = "bad_start"
                     elif junk.over_limit(time.monotonic()):
                         reason = "junk_frames"
                     else:
                         continue
-                    stats.stream_rejected[reason] += 1
+                    metrics.stream_rejected(reason)
                     extra = {"reason": reason, "kind": parsed.kind}
                     logger.warning("media stream refused: %s", parsed.detail or parsed.kind, extra=extra)
                     await _close(websocket, CLOSE_POLICY_VIOLATION, reason.replace("_", " "))
                     return None
     except TimeoutError:
-        stats.stream_rejected["no_start"] += 1
+        metrics.stream_rejected("no_start")
         logger.warning("media stream closed: no start within %.1f s", deps.start_timeout_s)
         await _close(websocket, CLOSE_POLICY_VIOLATION, "no start")
         return None
@@ -251,7 +244,8 @@ class CallBridge:
         self.ws = websocket
         self.deps = deps
         self.settings = deps.settings
-        self.stats = deps.stats
+        self.metrics = deps.metrics
+        self.feed = deps.feed
         self.store = store
         self.toolbox = deps.tools_for(store)
         self.call_sid = start.call_sid
@@ -309,7 +303,9 @@ class CallBridge:
     # --- lifecycle --------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.stats.calls_started += 1
+        self.metrics.call_started()
+        if self.feed is not None:
+            self.feed.call_started(self.call_sid, self.context.caller, self.call)
         self.log.info(
             "call started",
             extra={
@@ -379,7 +375,11 @@ class CallBridge:
         record["started_at"] = datetime.fromtimestamp(self._started_wall, UTC).isoformat()
         record["store"] = self.store.id
         record["end_reason"] = self.end_reason
-        self.stats.calls_ended += 1
+        record["tokens"] = add_up(tokens_by_kind(response.usage) for response in self.call.responses)
+        record["cost_usd"] = round(self.deps.prices.cost_usd(record["tokens"]), 6)
+        self.metrics.call_ended(record["outcome"], record["duration_s"])
+        if self.feed is not None:
+            self.feed.call_ended(self.call_sid, record)
         self.log.info(
             "call ended",
             extra={
@@ -388,6 +388,7 @@ class CallBridge:
                 "duration_s": record["duration_s"],
                 "interruptions": record["interruptions"],
                 "usage": record["usage"],
+                "cost_usd": record["cost_usd"],
             },
         )
         if self.deps.outbox is None:
@@ -424,7 +425,7 @@ class CallBridge:
                     continue
                 for action in call.on_media(parsed, now):
                     if uplink.put(action):
-                        self.stats.uplink_frames_dropped += 1
+                        self.metrics.uplink_frame_dropped()
             elif isinstance(parsed, ProtocolViolation):
                 self._on_junk(parsed.kind)
             elif isinstance(parsed, Connected):
@@ -439,7 +440,7 @@ class CallBridge:
                 self._dispatch(call.on_twilio(parsed, now))
 
     def _on_junk(self, kind: str) -> None:
-        self.stats.junk_frames[kind] += 1
+        self.metrics.junk_frame(kind)
         if kind not in self._logged_once:
             self._logged_once.add(kind)
             self.log.warning("malformed Media Streams frame skipped", extra={"kind": kind})
@@ -505,9 +506,10 @@ class CallBridge:
                 self._to_twilio(action.text)
             elif isinstance(action, ToRealtime):
                 if self._uplink.put(action):
-                    self.stats.uplink_frames_dropped += 1
+                    self.metrics.uplink_frame_dropped()
             elif isinstance(action, Note):
                 self._log_note(action)
+                self._observe(action)
             elif isinstance(action, ClearTwilio):
                 self._down.clear()
                 self._to_twilio(action.text)
@@ -525,6 +527,10 @@ class CallBridge:
                 self.log.info("Realtime session must be replaced", extra={"reason": action.reason})
                 if self._client is not None:
                     self._side(self._client.close())
+            elif isinstance(action, TurnTimed):
+                self.metrics.turn_timed(action.latency_ms, action.bot_ms)
+                if self.feed is not None:
+                    self.feed.turn_timed(self.call_sid, action.latency_ms, action.bot_ms)
         target = self._pacer_target
         deadline = self.call.next_deadline()
         if deadline is not None and (target is None or deadline < target):
@@ -543,7 +549,16 @@ class CallBridge:
         level = logging.WARNING if note.event in WARNING_NOTES else logging.INFO
         self.log.log(level, note.event, extra=note.fields)
 
+    def _observe(self, note: Note) -> None:
+        """The notes /metrics counts: once per barge-in, once per model response."""
+        if note.event == "barge_in":
+            self.metrics.barge_in(note.fields["truncated"])
+        elif note.event == "response_done":
+            tokens = tokens_by_kind(note.fields["usage"])
+            self.metrics.response_priced(tokens, self.deps.prices.cost_usd(tokens))
+
     async def _run_tool(self, action: RunTool) -> None:
+        started_ms = self._now_ms()
         try:
             result = await self.toolbox.run(action.name, action.arguments, self.context)
         except Exception:
@@ -551,7 +566,19 @@ class CallBridge:
             result = ToolResult(
                 json.dumps({"error": "The tool failed. Apologise and offer to help otherwise."})
             )
-        self._dispatch(self.call.on_tool_result(action.call_id, result, self._now_ms()))
+        now = self._now_ms()
+        if self.feed is not None:
+            self.feed.tool_ran(
+                self.call_sid,
+                action.name,
+                action.arguments,
+                outcome=outcome_of(result.output),
+                at_ms=started_ms - self.call.started_ms,
+                ms=now - started_ms,
+            )
+            if result.collection is not None:
+                self.feed.products_sent(self.call_sid, result.collection)
+        self._dispatch(self.call.on_tool_result(action.call_id, result, now))
 
     async def _transfer(self, action: Transfer) -> None:
         twilio, number = self.deps.twilio, self.store.transfer_to(self._local_now())
@@ -607,7 +634,7 @@ class CallBridge:
             except TwilioError as exc:
                 self.log.warning("fallback redirect failed: %s", exc)
             else:
-                self.stats.fallback_redirects += 1
+                self.metrics.fallback_redirected()
                 self.log.warning("call redirected to the fallback TwiML", extra={"why": why})
                 await self._await_stream_end()
                 return
@@ -622,8 +649,8 @@ class CallBridge:
             async with asyncio.timeout(settings.realtime_reconnect_timeout_s):
                 client = await connect_realtime(settings, self._agent())
         except RealtimeRefused as exc:
-            self.stats.realtime_refused += 1
-            self.stats.last_realtime_refusal = f"HTTP {exc.status}"
+            self.metrics.realtime_refused()
+            self.deps.realtime_refusal = f"HTTP {exc.status}"
             self.log.error("Realtime API refused the connection: %s", exc)
             await self._fall_back("realtime_refused")
             return
@@ -631,14 +658,14 @@ class CallBridge:
             self.log.error("Realtime API unreachable: %s", exc or "timed out")
             await self._fall_back("realtime_unreachable")
             return
-        self.stats.last_realtime_refusal = None
+        self.deps.realtime_refusal = None
         while True:
             self._client = client
             self._clients.add(client)
             self._dispatch(self.call.session_opened(self._now_ms()))
             replacement = await self._run_session(client)
             if replacement is not None:
-                self.stats.realtime_rotations += 1
+                self.metrics.realtime_rotated()
                 self.log.info("Realtime session rotated")
                 self._clients.discard(client)
                 self._side(client.close())
@@ -652,7 +679,7 @@ class CallBridge:
             self._client = None
             self._dispatch(self.call.session_lost(self._now_ms()))
             self._reconnects += 1
-            self.stats.realtime_reconnects += 1
+            self.metrics.realtime_reconnected()
             if self._reconnects > MAX_RECONNECTS_PER_CALL:
                 await self._fall_back("realtime_unstable")
                 return
@@ -711,7 +738,7 @@ class CallBridge:
 
     def _on_realtime_junk(self, event: Malformed) -> None:
         """OpenAI's side sent something unusable: counted, logged once per kind, and ignored."""
-        self.stats.realtime_junk_events[event.kind] += 1
+        self.metrics.realtime_junk_event(event.kind)
         once = "realtime:" + event.kind
         if once not in self._logged_once:
             self._logged_once.add(once)

@@ -152,6 +152,15 @@ class Reconnect:
 
 
 @dataclass(frozen=True, slots=True)
+class TurnTimed:
+    """A reply began playing: the caller's end of speech to its first frame sent, and the bot's part
+    of that wait (its first audio from the model to that frame). Once per answered turn."""
+
+    latency_ms: int
+    bot_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Note:
     """Something worth one structured log line (never per frame, never audio or secrets)."""
 
@@ -159,7 +168,19 @@ class Note:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-Action = ToTwilio | ClearTwilio | ToRealtime | RunTool | Transfer | HangUp | RotateSession | Reconnect | Note
+Action = (
+    ToTwilio
+    | ClearTwilio
+    | ToRealtime
+    | RunTool
+    | Transfer
+    | HangUp
+    | RotateSession
+    | Reconnect
+    | TurnTimed
+    | Note
+)
+Activity = Literal["connecting", "listening", "bot_speaking", "tool_running", "transferring", "ending"]
 
 
 # --- records --------------------------------------------------------------------------
@@ -201,6 +222,7 @@ class ResponseStats:
     status: str = "in_progress"
     had_audio: bool = False
     first_audio_latency_ms: int | None = None
+    bot_latency_ms: int | None = None
     usage: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -208,6 +230,7 @@ class ResponseStats:
             "response_id": self.response_id,
             "status": self.status,
             "first_audio_latency_ms": self.first_audio_latency_ms,
+            "bot_latency_ms": self.bot_latency_ms,
             "usage": self.usage,
         }
 
@@ -823,8 +846,8 @@ class Call:
             chunk = bytes(buf[:FRAME_BYTES])
             del buf[:FRAME_BYTES]
             if chunk:
-                if item.sent_bytes == 0:
-                    self._first_frame(item, now_ms)
+                if item.sent_bytes == 0 and (timed := self._first_frame(item, now_ms)) is not None:
+                    actions.append(timed)
                 item.sent_bytes += len(chunk)
                 duration_ms = len(chunk) / MULAW_BYTES_PER_MS
                 credit -= duration_ms
@@ -843,12 +866,17 @@ class Call:
             self._last_forward_ms = now_ms
         return actions
 
-    def _first_frame(self, item: _Item, now_ms: int) -> None:
+    def _first_frame(self, item: _Item, now_ms: int) -> TurnTimed | None:
+        """The reply to the caller's last words starts playing: how long they waited, and how much
+        of that the bot itself added (first model audio in -> first frame out)."""
         stopped = self._speech_stopped_ms
         stats = item.stats
-        if stopped is not None and stats is not None and stats.created_ms >= stopped:
-            stats.first_audio_latency_ms = now_ms - stopped
-            self._speech_stopped_ms = None
+        if stopped is None or stats is None or stats.created_ms < stopped:
+            return None
+        stats.first_audio_latency_ms = now_ms - stopped
+        stats.bot_latency_ms = now_ms - item.first_ms
+        self._speech_stopped_ms = None
+        return TurnTimed(stats.first_audio_latency_ms, stats.bot_latency_ms)
 
     def _heard_now(self, item: _Item, now_ms: int) -> int:
         """The last echoed mark, plus the time since its echo up to one frame: playback goes on
@@ -907,7 +935,9 @@ class Call:
         if self._downlink is not None:
             self._downlink.reset()
         self.interruptions += 1
-        actions.append(Note("barge_in" if truncate else "playback_stopped", {"heard_ms": heard_report}))
+        truncated = sum(1 for heard_ms in heard_report.values() if heard_ms > 0) if truncate else 0
+        fields = {"heard_ms": heard_report, "truncated": truncated}
+        actions.append(Note("barge_in" if truncate else "playback_stopped", fields))
         return actions
 
     # --- responses, follow-ups and call actions ---------------------------------------
@@ -983,6 +1013,23 @@ class Call:
             and self._pending is None
             and self._unanswered == 0
         )
+
+    # --- what the call is doing -------------------------------------------------------
+
+    def activity(self, now_ms: int) -> Activity:
+        """For the operators' console, which reads it a few times a second while open."""
+        pending = self._pending
+        if self.outcome == "transferred" or (pending is not None and pending.kind == "transfer"):
+            return "transferring"
+        if self._ended or pending is not None:
+            return "ending"
+        if not self._session_live:
+            return "connecting"
+        if self._unanswered:
+            return "tool_running"
+        if self._unplayed(now_ms):
+            return "bot_speaking"
+        return "listening"
 
     # --- the end-of-call record -------------------------------------------------------
 

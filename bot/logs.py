@@ -40,6 +40,16 @@ def mask_phones_in(text: str) -> str:
     return _PHONE_NUMBER.sub(lambda match: mask_phone(match.group()), text)
 
 
+# Seven or more digits, however written ("555 123 4567", "(555) 123-4567", "+1.555.123.4567").
+_DIGIT_RUN = re.compile(r"\+?\d(?:[\s().-]{0,3}\d){6,}")
+
+
+def mask_numbers_in(text: str) -> str:
+    """Masks anything that could be a phone number in what people said (a transcript line):
+    every run of seven digits or more, whatever separates them, keeps its last four."""
+    return _DIGIT_RUN.sub(lambda match: mask_phone(match.group()), text)
+
+
 class JsonFormatter(logging.Formatter):
     """Renders a record and its `extra=` fields as one JSON line."""
 

@@ -21,16 +21,25 @@ class SlidingWindowLimiter:
 
     def hit(self, key: str) -> float | None:
         """Record a hit; None if allowed, else the whole seconds to wait before the next one."""
+        wait_s = self.blocked(key)
+        if wait_s is not None:
+            return wait_s
         now = self._clock()
-        horizon = now - self.window_s
-        hits = self._hits.setdefault(key, deque())
+        self._hits.setdefault(key, deque()).append(now)
+        if len(self._hits) > 10_000:
+            self._forget_idle(now - self.window_s)
+        return None
+
+    def blocked(self, key: str) -> float | None:
+        """Whether `key` is at its limit now, without counting a hit: the seconds to wait, or None."""
+        hits = self._hits.get(key)
+        if not hits:
+            return None
+        horizon = self._clock() - self.window_s
         while hits and hits[0] <= horizon:
             hits.popleft()
         if len(hits) >= self.limit:
             return float(max(1, math.ceil(hits[0] - horizon)))
-        hits.append(now)
-        if len(self._hits) > 10_000:
-            self._forget_idle(horizon)
         return None
 
     def _forget_idle(self, horizon: float) -> None:

@@ -271,10 +271,14 @@ def _usage(usage: object) -> dict[str, int]:
     made = usage.get("output_token_details")
     given = given if type(given) is dict else {}
     made = made if type(made) is dict else {}
+    cached = given.get("cached_tokens_details")
+    cached = cached if type(cached) is dict else {}
     counts = {
         "input_text_tokens": given.get("text_tokens"),
         "input_audio_tokens": given.get("audio_tokens"),
         "input_cached_tokens": given.get("cached_tokens"),
+        "input_cached_text_tokens": cached.get("text_tokens"),
+        "input_cached_audio_tokens": cached.get("audio_tokens"),
         "output_text_tokens": made.get("text_tokens"),
         "output_audio_tokens": made.get("audio_tokens"),
     }

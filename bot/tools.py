@@ -195,10 +195,12 @@ ToolOutcome = Literal["ok", "error", "bad_arguments", "unknown_tool", "crashed"]
 
 @dataclass(frozen=True, slots=True)
 class ToolResult:
-    """What the model gets back (`output`, a JSON string) and what the call must do after it."""
+    """What the model gets back (`output`, a JSON string), what the call must do after it, and the
+    products queued for the caller, if any (the console shows them)."""
 
     output: str
     action: CallAction | None = None
+    collection: ProductsCollection | None = None
 
 
 class Toolbox(Protocol):
@@ -523,7 +525,7 @@ class StoreTools:
             state, message = "no_caller_number", words.hidden_number.format(offer=self._fallback_offer())
         else:
             state, message = await self._confirm_sms(message_id)
-        return ToolResult(_output(sent=True, sms=state, message=message))
+        return ToolResult(_output(sent=True, sms=state, message=message), collection=collection)
 
     async def _confirm_sms(self, message_id: str) -> tuple[str, str]:
         """Waits briefly for Twilio's answer, so the bot never promises a text that was refused."""

@@ -25,6 +25,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from bot.bridge import BridgeDeps, serve_media_stream
+from bot.metrics import Metrics
 from bot.settings import PACKAGE_DIR, Settings
 from bot.sim.phone import PhoneCall, dial
 from bot.sim.realtime import RealtimeSimulator, Scenario, ToolCall, Turn
@@ -101,8 +102,23 @@ class Stack:
 
     async def ended(self) -> None:
         """Waits until no call is active (the bridge finished its clean-up)."""
-        stats = self.deps.stats
-        await until(lambda: not self.deps.active_calls and stats.calls_ended == stats.calls_started)
+        metrics = self.deps.metrics
+        await until(
+            lambda: not self.deps.active_calls
+            and ended_calls(metrics) == metrics.sample("voicebot_calls_started_total")
+        )
+
+
+def ended_calls(metrics: Metrics) -> float:
+    return sum(metrics.samples("voicebot_calls_total", "outcome").values())
+
+
+def rejections(stack: Stack) -> dict[str, float]:
+    return stack.deps.metrics.samples("voicebot_stream_rejections_total", "reason")
+
+
+def junk(stack: Stack) -> dict[str, float]:
+    return stack.deps.metrics.samples("voicebot_junk_frames_total", "kind")
 
 
 async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -278,7 +294,7 @@ async def test_a_bad_stream_token_closes_1008_before_any_realtime_connect(
     call = await stack.dial(custom_parameters={"caller": "+15551230001", **parameters})
     await call.wait_closed(3.0)
     assert call.close_code == 1008
-    assert stack.deps.stats.stream_rejected == {reason: 1}
+    assert rejections(stack) == {reason: 1}
     assert stack.realtime.sessions == []
 
 
@@ -287,14 +303,14 @@ async def test_an_upgrade_signed_with_the_wrong_token_is_refused_before_anything
         stack.base_url, account_sid=stack.twilio_api.account_sid, auth_token="not-the-auth-token"
     )
     assert call.stream_error == "HTTP 403"
-    assert stack.deps.stats.stream_rejected == {"bad_upgrade_signature": 1}
+    assert rejections(stack) == {"bad_upgrade_signature": 1}
     assert stack.realtime.sessions == []
 
 
 async def test_an_unsigned_upgrade_is_accepted_on_the_strength_of_the_stream_token(stack: Stack) -> None:
     async with stack.dial(sign_stream=False) as call:
         await greeted(call)
-    assert stack.deps.stats.stream_rejected == {}
+    assert rejections(stack) == {}
 
 
 REQUIRE_SIGNED_UPGRADES = {"REQUIRE_UPGRADE_SIGNATURE": "true"}
@@ -306,7 +322,7 @@ async def test_with_signatures_required_an_unsigned_upgrade_is_refused_before_an
 ) -> None:
     call = await stack.dial(sign_stream=False)
     assert call.stream_error == "HTTP 403"
-    assert stack.deps.stats.stream_rejected == {"unsigned_upgrade": 1}
+    assert rejections(stack) == {"unsigned_upgrade": 1}
     assert stack.realtime.sessions == []
 
 
@@ -329,14 +345,14 @@ async def test_with_signatures_required_the_upgrade_must_be_signed_over_its_wss_
         except InvalidStatus as exc:
             statuses.append(exc.response.status_code)
     assert statuses == [101, 403]
-    assert stack.deps.stats.stream_rejected == {"bad_upgrade_signature": 1}
+    assert rejections(stack) == {"bad_upgrade_signature": 1}
 
 
 @pytest.mark.parametrize("stack", [REQUIRE_SIGNED_UPGRADES], indirect=True)
 async def test_with_signatures_required_a_signed_call_goes_through(stack: Stack) -> None:
     async with stack.dial() as call:
         await greeted(call)
-    assert stack.deps.stats.stream_rejected == {}
+    assert rejections(stack) == {}
 
 
 async def test_an_expired_token_for_this_call_closes_1008(stack: Stack) -> None:
@@ -344,7 +360,7 @@ async def test_an_expired_token_for_this_call_closes_1008(stack: Stack) -> None:
     call = await stack.dial()
     await call.wait_closed(3.0)
     assert call.close_code == 1008
-    assert stack.deps.stats.stream_rejected == {"expired": 1}
+    assert rejections(stack) == {"expired": 1}
     assert stack.realtime.sessions == []
 
 
@@ -357,7 +373,7 @@ async def test_media_before_start_is_ignored_and_nothing_opens_until_start(stack
     await call.send_start()
     await greeted(call)
     await call.hang_up()
-    assert stack.deps.stats.frames_before_start == 5
+    assert stack.deps.metrics.sample("voicebot_frames_before_start_total") == 5
     assert len(stack.realtime.sessions) == 1
 
 
@@ -365,7 +381,7 @@ async def test_no_start_in_time_closes_the_socket_with_1008_and_counts_it(stack:
     call = await stack.dial(start_stream=False)
     await call.wait_closed(3.0)
     assert call.close_code == 1008
-    assert stack.deps.stats.stream_rejected == {"no_start": 1}
+    assert rejections(stack) == {"no_start": 1}
     assert stack.realtime.sessions == []
 
 
@@ -408,7 +424,7 @@ async def test_a_start_for_another_stream_mid_call_is_ignored_and_opens_nothing(
         await asyncio.sleep(0.3)
         assert call.connected
     await stack.ended()
-    assert stack.deps.stats.junk_frames == {"foreign_stream": 1}
+    assert junk(stack) == {"foreign_stream": 1}
     assert len(stack.realtime.sessions) == 1
 
 
@@ -424,7 +440,7 @@ async def test_a_stop_mark_or_dtmf_for_another_stream_neither_ends_nor_steers_th
         await asyncio.sleep(0.2)
         assert stack.realtime.sessions[0].audio_appends > appends
     await stack.ended()
-    assert stack.deps.stats.junk_frames == {"foreign_stream": 3}
+    assert junk(stack) == {"foreign_stream": 3}
     assert stack.twilio_api.call_updates == []
     assert stack.sink.records[0]["record"]["end_reason"] == "twilio_stop"
 
@@ -439,7 +455,7 @@ async def test_a_second_stream_for_the_same_call_is_refused(stack: Stack) -> Non
         assert second.close_code == 1008
         assert call.connected
     await stack.ended()
-    assert stack.deps.stats.stream_rejected == {"duplicate_call": 1}
+    assert rejections(stack) == {"duplicate_call": 1}
     assert len(stack.realtime.sessions) == 1
 
 
@@ -463,7 +479,7 @@ async def test_garbage_frames_are_dropped_and_counted_and_the_call_goes_on(stack
         await asyncio.sleep(0.3)
         assert call.connected
         assert stack.realtime.sessions[0].audio_appends > appends
-    assert sum(stack.deps.stats.junk_frames.values()) == len(JUNK)
+    assert sum(junk(stack).values()) == len(JUNK)
 
 
 async def test_invalid_base64_media_is_skipped_and_audio_keeps_flowing(stack: Stack) -> None:
@@ -475,7 +491,7 @@ async def test_invalid_base64_media_is_skipped_and_audio_keeps_flowing(stack: St
         await asyncio.sleep(0.3)
         assert call.connected
         assert stack.realtime.sessions[0].audio_appends > appends
-    assert stack.deps.stats.junk_frames == {"bad_payload": 5}
+    assert junk(stack) == {"bad_payload": 5}
 
 
 async def test_a_flood_of_garbage_closes_the_stream_with_1008(stack: Stack) -> None:
@@ -548,7 +564,7 @@ async def test_a_dropped_realtime_socket_reconnects_and_restores_the_earlier_tur
     assert ("assistant", "We have two washers.") in texts
     assert [i["name"] for i in restored if i["type"] == "function_call"] == ["search_products"]
     assert client_events(stack, 1)[0]["type"] == "session.update"
-    assert stack.deps.stats.realtime_reconnects == 1
+    assert stack.deps.metrics.sample("voicebot_realtime_reconnects_total") == 1
     assert stack.realtime.open_connections == 0
 
 
@@ -572,7 +588,7 @@ async def test_a_refused_realtime_handshake_sends_the_fallback_within_3_s(stack:
         await until(lambda: bool(stack.twilio_api.call_updates), 3)
     assert time.monotonic() - started < 3
     assert stack.twilio_api.call_updates[0]["Twiml"] == render_fallback_twiml(STORE_NUMBER)
-    assert stack.deps.stats.realtime_refused == 1
+    assert stack.deps.metrics.sample("voicebot_realtime_refusals_total") == 1
     assert len(stack.realtime.sessions) == 0
 
 
@@ -596,7 +612,7 @@ async def test_malformed_realtime_events_are_counted_and_the_call_goes_on(
         await call.wait_until_quiet(400, 10.0)
         assert call.connected
     await stack.ended()
-    junk = stack.deps.stats.realtime_junk_events
+    junk = stack.deps.metrics.samples("voicebot_realtime_junk_events_total", "kind")
     assert stack.realtime.malformed_events_sent > 20
     assert 0 < sum(junk.values()) <= stack.realtime.malformed_events_sent
     assert set(junk) <= {"binary", "not_json", "not_object", "too_deep", "no_type", "bad_field"}
@@ -622,7 +638,7 @@ async def test_an_unknown_parameter_error_is_logged_with_its_code_and_the_call_g
         assert call.connected
         assert stack.realtime.sessions[0].audio_appends > appends
     assert len(stack.realtime.sessions) == 1
-    assert stack.deps.stats.realtime_reconnects == 0
+    assert stack.deps.metrics.sample("voicebot_realtime_reconnects_total") == 0
 
 
 def restored_items(stack: Stack, session: int) -> list[tuple[str | None, str]]:
@@ -650,7 +666,7 @@ async def test_a_close_with_1001_takes_the_rollover_path_and_keeps_the_conversat
     assert ("user", "Do you have washers?") in restored
     assert ("assistant", "We have two washers.") in restored
     assert ("function_call", "") in restored and ("function_call_output", "") in restored
-    assert stack.deps.stats.realtime_reconnects == 1
+    assert stack.deps.metrics.sample("voicebot_realtime_reconnects_total") == 1
     assert stack.twilio_api.call_updates == []
 
 
@@ -660,7 +676,7 @@ async def test_session_expired_takes_the_reconnect_path(stack: Stack) -> None:
         stack.realtime.inject_error("session_expired", "Your session expired.")
         await until(lambda: len(stack.realtime.sessions) >= 2)
         assert call.connected
-    assert stack.deps.stats.realtime_reconnects == 1
+    assert stack.deps.metrics.sample("voicebot_realtime_reconnects_total") == 1
 
 
 async def test_a_rotated_session_is_seeded_with_the_conversation_so_far(stack: Stack) -> None:
@@ -693,4 +709,4 @@ async def test_the_session_is_rotated_at_a_turn_boundary_without_a_word_or_a_cle
     assert types[0] == "session.update"
     assert "response.create" not in types
     assert clears == []
-    assert stack.deps.stats.realtime_rotations >= 1
+    assert stack.deps.metrics.sample("voicebot_realtime_rotations_total") >= 1

@@ -54,8 +54,7 @@ def _frames_sent(call: PhoneCall) -> int:
 
 async def test_a_stalled_realtime_drops_and_counts_old_caller_audio_while_both_calls_go_on() -> None:
     async with SimStack(Scenario(greeting=LONG_GREETING * 2, turns=[])) as stack:
-        stats = stack.runtime.bridge.stats if stack.runtime.bridge else None
-        assert stats is not None
+        metrics = stack.runtime.metrics
         flooding = await stack.dial(pace=False)
         other = await stack.dial("+15551230002")
         await flooding.wait_for_audio(5)
@@ -72,7 +71,7 @@ async def test_a_stalled_realtime_drops_and_counts_old_caller_audio_while_both_c
         started = time.monotonic()
         await flooding.say(LOUD_ULAW * FRAME_BYTES * BURST_FRAMES)
         burst_s = time.monotonic() - started
-        dropped_while_stalled = stats.uplink_frames_dropped
+        dropped_while_stalled = metrics.sample("voicebot_uplink_frames_dropped_total")
         other_heard_during_stall = other.received_audio_ms() - other_heard_before
         stack.realtime.read_delay_s = 0.0
         stop_probe.set()
@@ -88,7 +87,8 @@ async def test_a_stalled_realtime_drops_and_counts_old_caller_audio_while_both_c
         async with asyncio.timeout(STALL_S + 8):
             while True:
                 delivered = flooding_session.audio_appends - appends_before
-                missing = _frames_sent(flooding) - sent_before - delivered - stats.uplink_frames_dropped
+                dropped = metrics.sample("voicebot_uplink_frames_dropped_total")
+                missing = _frames_sent(flooding) - sent_before - delivered - dropped
                 if missing <= 10:
                     break
                 await asyncio.sleep(0.1)
@@ -124,7 +124,7 @@ async def test_a_phone_that_stops_reading_is_closed_by_the_app_with_the_down_lin
                 largest_queue = max(largest_queue, len(deps.active_calls[phone.call_sid]._down))
                 await asyncio.sleep(0.05)
         assert largest_queue <= TEST_DOWNLINK_MAX_MESSAGES
-        assert deps.stats.calls_ended == 1
+        assert sum(deps.metrics.samples("voicebot_calls_total", "outcome").values()) == 1
         phone.resume_reading()
         # Nothing of the close frame got through; the socket closes once its buffer drains.
         await phone.wait_closed(STUCK_CALL_END_S)

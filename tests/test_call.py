@@ -33,6 +33,7 @@ from bot.call import (
     ToRealtime,
     ToTwilio,
     Transfer,
+    TurnTimed,
 )
 from bot.call import (
     PCM24K_BYTES_PER_MS as PCM_BYTES_PER_MS,
@@ -754,6 +755,7 @@ def test_latency_is_measured_from_speech_stopped_to_the_first_frame_sent() -> No
         "response_id": "resp_a",
         "status": "completed",
         "first_audio_latency_ms": 350,
+        "bot_latency_ms": 0,
         "usage": {
             "input_text_tokens": 50,
             "input_audio_tokens": 10,
@@ -764,6 +766,27 @@ def test_latency_is_measured_from_speech_stopped_to_the_first_frame_sent() -> No
     }
     assert record["usage"]["output_audio_tokens"] == 35
     assert any(isinstance(a, Note) and a.event == "response_done" for a in actions)
+
+
+def test_a_turn_is_timed_once_when_its_first_frame_goes_out_with_the_bots_own_part() -> None:
+    call = new_call()
+    feed(call, speech_started(), 1_000)
+    feed(call, speech_stopped(), 2_000)
+    feed(call, response_created("resp_a"), 2_100)
+    # Half a frame arrives first: the bot holds it until a whole frame is there.
+    early = feed(call, delta("item_a", "resp_a", FRAME_MS // 2), 2_350)
+    first = feed(call, delta("item_a", "resp_a", 60), 2_365)
+    later = feed(call, delta("item_a", "resp_a", 60), 2_380)
+    timed = [a for a in early + first + later if isinstance(a, TurnTimed)]
+    assert timed == [TurnTimed(latency_ms=365, bot_ms=15)]
+
+
+def test_the_greeting_is_not_a_turn_nobody_waited_for_it() -> None:
+    call = Call(call_sid=CALL_SID, stream_sid=SID, now_ms=0, audio_format="pcmu")
+    call.session_opened(0)
+    feed(call, response_created("resp_greet"), 100)
+    actions = feed(call, delta("item_greet", "resp_greet", 60), 500)
+    assert not [a for a in actions if isinstance(a, TurnTimed)]
 
 
 def test_the_record_has_duration_outcome_and_counts() -> None:
@@ -1052,3 +1075,36 @@ def test_barge_in_over_the_line_stops_it_without_touching_the_conversation() -> 
     assert of_type(twilio_frames(actions), "clear")
     events = realtime_events(actions)
     assert of_type(events, "conversation.item.truncate") == of_type(events, "conversation.item.delete") == []
+
+
+# --- what the call is doing, for the console -------------------------------------------------
+
+
+def test_a_call_connects_then_listens_once_the_session_is_up() -> None:
+    call = Call(call_sid=CALL_SID, stream_sid=SID, now_ms=0, audio_format="pcmu")
+    assert call.activity(0) == "connecting"
+    assert new_call().activity(0) == "listening"
+
+
+def test_the_bot_speaks_until_its_audio_has_played_then_listens() -> None:
+    call = new_call()
+    sent = speak(call, "item_a", "resp_a", 100, now_ms=1_000)
+    feed(call, response_done("resp_a"), 1_000)
+    assert call.activity(1_000) == "bot_speaking"
+    echo(call, marks(sent + call.tick(1_200)), 1_200)
+    assert call.activity(1_200) == "listening"
+
+
+def test_a_tool_runs_until_its_result_is_in() -> None:
+    call = new_call()
+    feed(call, function_call("call_1", "search_products", "{}", "resp_t"), 1_000)
+    assert call.activity(1_000) == "tool_running"
+    call.on_tool_result("call_1", ToolResult('{"found": 0}'), 1_100)
+    assert call.activity(1_100) == "listening"
+
+
+def test_a_call_being_handed_to_a_person_is_transferring() -> None:
+    call = new_call()
+    feed(call, function_call("call_1", "transfer_to_person", "{}", "resp_t"), 1_000)
+    call.on_tool_result("call_1", ToolResult('{"transferring": true}', action="transfer"), 1_100)
+    assert call.activity(1_100) == "transferring"
