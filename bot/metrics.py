@@ -320,13 +320,14 @@ class Metrics:
         return self.registry.get_sample_value(name, labels) or 0.0
 
     def samples(self, name: str, label: str) -> dict[str, float]:
-        """Every value of a labelled family in this process, by that label (for tests)."""
-        return {
-            sample.labels[label]: sample.value
-            for family in self.registry.collect()
-            for sample in family.samples
-            if sample.name == name and sample.value
-        }
+        """A labelled family's values in this process, added up by one label (for tests)."""
+        found: dict[str, float] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name == name and sample.value:
+                    key = sample.labels[label]
+                    found[key] = found.get(key, 0.0) + sample.value
+        return found
 
     async def exposition(self, read_outbox: ReadOutbox | None, now: float) -> bytes:
         """The text a scrape gets: every process's values, then the outbox's."""

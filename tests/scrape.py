@@ -29,8 +29,12 @@ class Scrape:
         return self.samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
     def by(self, name: str, label: str) -> dict[str, float]:
-        """The non-zero samples of `name`, keyed by one label's value."""
-        found = {dict(labels)[label]: value for (kind, labels), value in self.samples.items() if kind == name}
+        """The samples of `name` added up by one label's value (those that add up to 0 left out)."""
+        found: dict[str, float] = {}
+        for (kind, labels), value in self.samples.items():
+            if kind == name:
+                key = dict(labels)[label]
+                found[key] = found.get(key, 0.0) + value
         return {key: value for key, value in found.items() if value}
 
     def names(self) -> set[str]:
