@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import re
-import shutil
 import tempfile
 import wave
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from browser import CHROMIUM, CHROMIUM_ARGS, DESKTOP, PHONE, WAIT_S, playwright_api
 from store_files import write_garden_catalog, write_stores
 
 from bot.app import create_app
@@ -31,25 +31,14 @@ from bot.sim.realtime import RealtimeSimulator, Scenario
 from bot.sim.server import LocalServer
 from bot.wav import read_wav
 
-playwright_api = pytest.importorskip(
-    "playwright.async_api", reason="pip install playwright (in the test extra) to drive Chromium"
-)
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():
-    pytest.skip("install Debian's chromium (apt-get install chromium)", allow_module_level=True)
-
 pytestmark = pytest.mark.anyio
 
 SIM_KEY = "sk-sim-browser"
 AUDIO_DIR = Path(__file__).parent.parent / "bot" / "sim" / "audio"
-DESKTOP = {"width": 1280, "height": 800}
-PHONE = {"width": 390, "height": 844}
 WASHER_SKUS = ["WM-2026-0005", "WM-2024-X500", "WM-2025-0001"]
 DRYER_SKUS = ["DR-2024-0009", "DR-2025-0010", "DR-2026-0008"]
 SPEAKABLE = re.compile(r"[{}\[\]]|https?://|www\.")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SERVICE = "(await import('/assistant/realtime-service.js')).RealtimeService.getInstance()"
-WAIT_S = 15
 
 
 @dataclass

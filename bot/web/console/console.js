@@ -121,24 +121,20 @@ function tick(element, call) {
   element.querySelector(".clock").textContent = duration(elapsed);
 }
 
+/** Each answered turn: how long the caller waited after they stopped talking, and the bot's part. */
 function renderTurns(element, call) {
   const turns = element.querySelector(".turns");
   turns.hidden = call.turns.length === 0;
-  turns.replaceChildren();
-  call.turns.forEach((turn, index) => {
-    const chip = document.createElement("span");
-    chip.className = "turn";
-    chip.textContent = `${seconds(turn.latency_ms)}`;
-    chip.title = `Turn ${index + 1}: the caller waited ${turn.latency_ms} ms, the bot's part ${turn.bot_ms} ms`;
-    turns.append(chip);
+  if (!call.turns.length) return;
+  const span = (className, textContent) => Object.assign(document.createElement("span"), { className, textContent });
+  const chips = call.turns.map((turn, index) => {
+    const chip = span("turn", seconds(turn.latency_ms));
+    chip.title = `Turn ${index + 1}: the caller waited ${turn.latency_ms} ms, the bot's own part ${turn.bot_ms} ms`;
+    return chip;
   });
-  if (call.turns.length) {
-    const label = document.createElement("span");
-    label.className = "turns-label";
-    const bot = Math.max(...call.turns.map((turn) => turn.bot_ms));
-    label.textContent = `reply after the caller stops · bot's part ≤ ${bot} ms`;
-    turns.append(label);
-  }
+  const label = (text) => span("turns-label", text);
+  const botPart = Math.max(...call.turns.map((turn) => turn.bot_ms));
+  turns.replaceChildren(label("Replied in"), ...chips, label(`· the bot's own part ≤ ${botPart} ms`));
 }
 
 function renderTimeline(element, call) {
@@ -237,7 +233,8 @@ function recentItem(call, open) {
   details.dataset.callSid = call.call_sid;
   details.open = open;
   const started = new Date((call.started_at - clockOffsetS) * 1000);
-  item.querySelector(".recent-time").textContent = started.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  const time = started.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  item.querySelector(".recent-time").textContent = time;
   item.querySelector(".caller").textContent = callerLabel(call.caller);
   const outcome = item.querySelector(".outcome");
   outcome.textContent = OUTCOMES[call.outcome] || call.outcome;
@@ -275,10 +272,11 @@ function outboxRow(row) {
   const item = $("outbox-template").content.firstElementChild.cloneNode(true);
   item.dataset.messageId = row.message_id;
   item.dataset.state = row.state;
-  item.querySelector(".outbox-kind").textContent = `${KINDS[row.kind] || row.kind} · ${CHANNELS[row.channel] || row.channel}`;
+  const kind = `${KINDS[row.kind] || row.kind} · ${CHANNELS[row.channel] || row.channel}`;
+  item.querySelector(".outbox-kind").textContent = kind;
   item.querySelector(".outbox-to").textContent = row.to ? `to ${callerLabel(row.to)}` : "to the call center";
-  const state = item.querySelector(".outbox-state");
-  state.textContent = `${row.state}${row.attempts ? ` · ${row.attempts} ${row.attempts === 1 ? "try" : "tries"}` : ""}`;
+  const tries = row.attempts ? ` · ${row.attempts} ${row.attempts === 1 ? "try" : "tries"}` : "";
+  item.querySelector(".outbox-state").textContent = `${row.state}${tries}`;
   const reason = [row.error_code ? `[${row.error_code}]` : "", row.reason].filter(Boolean).join(" ");
   item.querySelector(".outbox-reason").textContent = reason;
   const retry = item.querySelector(".retry");
