@@ -60,6 +60,7 @@ from bot.tools import BrowserTools, OutboxUnavailable, StoreTools
 from bot.twilio_rest import TwilioRest
 from bot.twilio_stream import MAX_MESSAGE_BYTES
 from bot.twiml import render_fallback_twiml, render_stream_twiml
+from bot.worker_feeds import WorkerFeeds, feed_dir, shared_feed_folder
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class Runtime:
     tools_limiter: SlidingWindowLimiter = field(init=False)
     console_limiter: SlidingWindowLimiter = field(init=False)
     feed: CallFeed | None = field(init=False)
+    worker_feeds: WorkerFeeds | None = None
     stores: Stores | None = None
     http: httpx.AsyncClient | None = None
     bridge: BridgeDeps | None = None
@@ -192,9 +194,16 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                 asyncio.create_task(stores.watch(), name="stores-watch"),
                 asyncio.create_task(metrics.watch_event_loop(), name="event-loop-lag"),
             ]
+            siblings = feed_dir()
+            if runtime.feed is not None and siblings is not None:
+                runtime.worker_feeds = WorkerFeeds(runtime.feed, siblings)
+                await runtime.worker_feeds.start()
             try:
                 yield
             finally:
+                if runtime.worker_feeds is not None:
+                    await runtime.worker_feeds.stop()
+                    runtime.worker_feeds = None
                 for watcher in watchers:
                     watcher.cancel()
                 await asyncio.gather(*watchers, return_exceptions=True)
@@ -498,10 +507,11 @@ async def console_feed(request: Request) -> Response:
     """Server-sent events: a snapshot of the calls, then each change as it happens."""
     if (refusal := console_refusal(request)) is not None:
         return refusal
-    feed = request.app.state.runtime.feed
-    assert feed is not None, "the console is on, so the app built its feed"
+    runtime: Runtime = request.app.state.runtime
+    assert runtime.feed is not None, "the console is on, so the app built its feed"
+    calls = runtime.worker_feeds or runtime.feed  # every worker's calls under serve --workers N
     headers = {**PAGE_HEADERS, "X-Accel-Buffering": "no"}  # nginx: pass each event on at once
-    return StreamingResponse(event_stream(feed), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(event_stream(calls), media_type="text/event-stream", headers=headers)
 
 
 async def console_outbox(request: Request) -> Response:
@@ -647,7 +657,7 @@ def main(argv: list[str]) -> int:
     # One process serves the app built here, with the stores and catalogs already loaded; several
     # workers each build their own through the factory (uvicorn needs an import string to spawn them).
     app: Starlette | str = "bot.app:app_from_environment"
-    with shared_by_workers(workers):
+    with shared_by_workers(workers), shared_feed_folder(workers):
         if workers == 1:
             app = create_app(settings, stores=stores)
         uvicorn.run(

@@ -17,13 +17,13 @@ import hashlib
 import hmac
 import re
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from bot.feed import CallFeed
 from bot.logs import mask_numbers_in, mask_phone
 from bot.outbox import Outbox, OutboxRow
 from bot.outbox.rows import RETRYABLE_STATES, UNDELIVERED_STATES
@@ -103,7 +103,13 @@ def asset(name: str) -> tuple[Path, str] | None:
     return (CONSOLE_DIR / name, media_type) if media_type else None
 
 
-async def event_stream(feed: CallFeed) -> AsyncIterator[str]:
+class CallsFeed(Protocol):
+    """The calls a console shows: this process's (bot.feed.CallFeed), or every worker's."""
+
+    def subscribe(self) -> AbstractAsyncContextManager[asyncio.Queue[str | None]]: ...
+
+
+async def event_stream(feed: CallsFeed) -> AsyncIterator[str]:
     """The feed as server-sent events: the snapshot, then each change; a comment now and then
     keeps proxies from closing a quiet stream. Ends when this reader falls behind (the page
     reconnects to a fresh snapshot) or disconnects (the server stops iterating)."""

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -32,6 +34,7 @@ pytestmark = pytest.mark.anyio
 
 AUDIO = SAMPLE_CATALOG_PATH.parent.parent / "sim" / "audio"
 API_KEY = "sk-sim-workers"
+CONSOLE_PASSWORD = "workers console password"
 SECRET = "whsec_" + base64.b64encode(b"workers test secret, 32 bytes!!!").decode()
 SCENARIO = Scenario(
     greeting="Hi, how can I help?",
@@ -179,10 +182,10 @@ async def test_a_killed_worker_is_replaced_and_its_live_gauges_no_longer_count(t
     assert not folder.exists(), "serve removes the metrics folder it made"
 
 
-async def steered_call(
+async def steered_dial(
     url: str, twilio: TwilioApiSimulator, caller: str, minting: int, streaming: int
-) -> None:
-    """The webhook to `minting`, the stream to `streaming`; then a whole call on that stream."""
+) -> PhoneCall:
+    """The webhook to `minting`, the stream to `streaming`; returns the call once greeted."""
 
     async def swap() -> None:
         resume(streaming)
@@ -204,8 +207,70 @@ async def steered_call(
     try:
         await call.wait_for_audio(timeout=15)  # the greeting: the token was accepted
         await call.wait_until_quiet(quiet_ms=700, timeout=15)
+    except BaseException:
+        await call.hang_up()
+        raise
+    return call
+
+
+async def steered_call(
+    url: str, twilio: TwilioApiSimulator, caller: str, minting: int, streaming: int
+) -> None:
+    """A whole call whose stream `streaming` serves (see steered_dial)."""
+    call = await steered_dial(url, twilio, caller, minting, streaming)
+    try:
         await call.say(read_wav(AUDIO / "caller_text_me.wav").data)
         await call.wait_for_audio(timeout=15)
         await call.wait_until_quiet(quiet_ms=700, timeout=15)
     finally:
         await call.hang_up()
+
+
+async def test_the_console_on_either_worker_shows_every_workers_calls(
+    tmp_path: Path, stand_ins: tuple[RealtimeSimulator, TwilioApiSimulator, WebhookReceiver]
+) -> None:
+    realtime, twilio, _ = stand_ins
+    env = {
+        "OPENAI_API_KEY": API_KEY,
+        "OPENAI_REALTIME_URL": realtime.url,
+        "OPENAI_BASE_URL": realtime.base_url,
+        "TWILIO_ACCOUNT_SID": twilio.account_sid,
+        "TWILIO_AUTH_TOKEN": twilio.auth_token,
+        "TWILIO_API_BASE": twilio.base_url,
+        "DATABASE_PATH": str(tmp_path / "outbox.sqlite3"),
+        "CONSOLE_PASSWORD": CONSOLE_PASSWORD,
+        "LOG_LEVEL": "WARNING",
+    }
+    server = ServeProcess("serve", tmp_path, env, "--workers", "2")
+    calls: list[PhoneCall] = []
+    try:
+        await server.wait_healthy()
+        first, second = await both_workers(server.proc.pid)
+        calls.append(await steered_dial(server.url, twilio, "+15551230101", second, first))
+        calls.append(await steered_dial(server.url, twilio, "+15551230102", first, second))
+        for answering, other in ((first, second), (second, first)):
+            snapshot = await console_snapshot(server.url, answering, other)
+            assert sorted(call["caller"] for call in snapshot["live"]) == ["***0101", "***0102"], answering
+    except BaseException:
+        print(server.log())
+        raise
+    finally:
+        for call in calls:
+            await call.hang_up()
+        await server.stop()
+
+
+async def console_snapshot(url: str, answering: int, other: int) -> dict[str, Any]:
+    """The first event of /console/feed, served by `answering` (the other paused while it connects)."""
+    pause(other)
+    try:
+        async with httpx.AsyncClient(auth=("operator", CONSOLE_PASSWORD), timeout=15) as client:
+            async with client.stream("GET", url + "/console/feed") as response:
+                resume(other)
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        snapshot: dict[str, Any] = json.loads(line.removeprefix("data: "))
+                        return snapshot
+    finally:
+        resume(other)
+    raise AssertionError("the feed ended before its snapshot")
