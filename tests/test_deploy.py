@@ -1,5 +1,5 @@
-"""deploy/: the Grafana dashboard and the Prometheus alerts ask only for series the bot exposes,
-and compose.yaml mounts files that exist."""
+"""deploy/: the Grafana dashboard, the Prometheus alerts (and the README) ask only for series the
+bot exposes, and compose.yaml mounts files that exist."""
 
 from __future__ import annotations
 
@@ -43,9 +43,14 @@ async def exposed(tmp_path: Path) -> AsyncIterator[set[str]]:
     }
 
 
-async def test_every_series_the_dashboard_and_the_alerts_ask_for_is_exposed(exposed: set[str]) -> None:
-    asked = {name for text in [*queries(), ALERTS] for name in SERIES.findall(text)}
-    assert asked and asked <= exposed, sorted(asked - exposed)
+async def test_every_series_the_dashboard_the_alerts_and_the_readme_name_is_exposed(
+    exposed: set[str],
+) -> None:
+    readme = (REPO / "README.md").read_text()
+    asked = {name for text in [*queries(), ALERTS, readme] for name in SERIES.findall(text)}
+    # The README names families: a histogram by its own name, whose series add _bucket, _count, _sum.
+    families = {name.removesuffix("_bucket") for name in exposed}
+    assert asked and asked <= exposed | families, sorted(asked - exposed - families)
 
 
 def test_the_dashboard_picks_its_prometheus_and_its_panels_fit_the_grid() -> None:
