@@ -129,7 +129,8 @@ class Runtime:
         self.console_limiter = SlidingWindowLimiter(FAILED_LOGINS_PER_MINUTE, 60.0, clock=self.clock)
         # Only with the console on does the bridge tell a feed about its calls.
         console_on = self.settings.console_password is not None
-        self.feed = CallFeed(media_base_url=self.settings.media_base_url) if console_on else None
+        media = self.settings.media_base_url
+        self.feed = CallFeed(media_base_url=media, wall_clock=self.clock) if console_on else None
 
     def local_now(self) -> datetime:
         return datetime.fromtimestamp(self.clock()).astimezone()
