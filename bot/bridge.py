@@ -305,7 +305,7 @@ class CallBridge:
     async def run(self) -> None:
         self.metrics.call_started()
         if self.feed is not None:
-            self.feed.call_started(self.call_sid, self.context.caller, self.call)
+            self.feed.call_started(self.call_sid, self.context.caller, self.call, store=self.store.name)
         self.log.info(
             "call started",
             extra={

@@ -39,7 +39,8 @@ Event = dict[str, Any]
 
 
 class Line(Protocol):
-    """A transcript entry as `bot.call` keeps it."""
+    """A transcript entry as `bot.call` keeps it: the caller's words, the bot's, a tool call, or
+    an event of the call (the bot asked a silent caller whether they are still there...)."""
 
     @property
     def role(self) -> str: ...
@@ -70,6 +71,7 @@ class LiveCall:
     caller: str
     started_at: float
     source: LiveSource
+    store: str | None = None
     tools: list[Event] = field(default_factory=list)
     products: list[Event] = field(default_factory=list)
     turns: list[Event] = field(default_factory=list)
@@ -81,6 +83,7 @@ class LiveCall:
         return {
             "call_sid": self.call_sid,
             "caller": self.caller,
+            "store": self.store,
             "started_at": self.started_at,
             "state": self.state,
             "lines": self.lines,
@@ -119,8 +122,11 @@ class CallFeed:
 
     # --- what the bridge reports -------------------------------------------------------------
 
-    def call_started(self, call_sid: str, caller: str, source: LiveSource) -> None:
-        live = LiveCall(call_sid, mask_phone(caller) or "unknown", self._wall_clock(), source)
+    def call_started(
+        self, call_sid: str, caller: str, source: LiveSource, *, store: str | None = None
+    ) -> None:
+        """`store`: the store's name, where the deployment has several (bot/stores.py)."""
+        live = LiveCall(call_sid, mask_phone(caller) or "unknown", self._wall_clock(), source, store)
         self._live[call_sid] = live
         if self._subscribers:
             self._read(live)
@@ -162,6 +168,7 @@ class CallFeed:
         ended = {
             "call_sid": call_sid,
             "caller": live.caller,
+            "store": live.store,
             "started_at": live.started_at,
             "duration_s": record.get("duration_s"),
             "outcome": record.get("outcome"),

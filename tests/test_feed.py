@@ -172,3 +172,17 @@ async def test_the_timer_stops_when_the_last_console_leaves() -> None:
     await asyncio.sleep(0)
     assert not feed.watched
     assert "console-feed-sampler" not in {task.get_name() for task in asyncio.all_tasks() if not task.done()}
+
+
+async def test_what_happened_besides_words_is_a_line_of_its_own_and_tool_entries_are_not() -> None:
+    feed = new_feed()
+    call = LiveCall(
+        transcript=[
+            TranscriptEntry("tool", '{"found": 2}', 1_100, tool_name="search_products", call_id="c1"),
+            TranscriptEntry("event", "idle_prompt", 11_000),
+        ]
+    )
+    feed.call_started(CALL_SID, CALLER, call, store="Downtown")
+    [live] = feed.snapshot()["live"]
+    assert [(line["role"], line["text"]) for line in live["lines"]] == [("event", "idle_prompt")]
+    assert live["store"] == "Downtown"

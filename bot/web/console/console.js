@@ -17,8 +17,14 @@ const STATES = {
 const OUTCOMES = {
   caller_hung_up: "Caller hung up",
   ended_by_bot: "Ended by the bot",
+  caller_idle: "Caller silent",
   transferred: "Transferred",
   fallback: "Fallback",
+};
+// What happened in a call besides words (transcript entries of role "event").
+const EVENTS = {
+  idle_prompt: "The caller went quiet: the bot asked whether they are still there",
+  idle_hang_up: "The caller stayed quiet: the bot said goodbye and hung up",
 };
 const KINDS = { "products.sent": "Product details", "call.completed": "Call record" };
 const CHANNELS = { sms: "SMS", webhook: "Webhook" };
@@ -109,7 +115,7 @@ function addLive(call) {
 
 function renderHead(element, call) {
   element.dataset.state = call.state;
-  element.querySelector(".caller").textContent = callerLabel(call.caller);
+  element.querySelector(".caller").textContent = callerLabel(call.caller, call.store);
   const state = element.querySelector(".state");
   state.textContent = STATES[call.state] || call.state;
   state.dataset.state = call.state;
@@ -149,6 +155,7 @@ function renderTimeline(element, call) {
 }
 
 function lineNode(line) {
+  if (line.role === "event") return eventNode(line);
   const item = document.createElement("li");
   item.className = `line ${line.role}`;
   item.classList.toggle("interrupted", line.interrupted);
@@ -165,6 +172,13 @@ function lineNode(line) {
     cut.textContent = "interrupted";
     item.append(cut);
   }
+  return item;
+}
+
+function eventNode(line) {
+  const item = document.createElement("li");
+  item.className = "event";
+  item.textContent = `${EVENTS[line.text] || line.text} · ${duration(line.at_ms / 1000)}`;
   return item;
 }
 
@@ -235,7 +249,7 @@ function recentItem(call, open) {
   const started = new Date((call.started_at - clockOffsetS) * 1000);
   const time = started.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
   item.querySelector(".recent-time").textContent = time;
-  item.querySelector(".caller").textContent = callerLabel(call.caller);
+  item.querySelector(".caller").textContent = callerLabel(call.caller, call.store);
   const outcome = item.querySelector(".outcome");
   outcome.textContent = OUTCOMES[call.outcome] || call.outcome;
   outcome.dataset.outcome = call.outcome;
@@ -310,8 +324,10 @@ function renderFigures() {
   $("latency-median").textContent = waits.length ? seconds(waits[Math.floor(waits.length / 2)]) : "–";
 }
 
-function callerLabel(masked) {
-  return masked && masked.startsWith("***") ? `••• ${masked.slice(3)}` : masked || "unknown";
+/** "••• 0001", and the store it called where there are several ("••• 0001 · Downtown"). */
+function callerLabel(masked, store) {
+  const caller = masked && masked.startsWith("***") ? `••• ${masked.slice(3)}` : masked || "unknown";
+  return store ? `${caller} · ${store}` : caller;
 }
 
 function duration(totalSeconds) {
