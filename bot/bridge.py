@@ -568,17 +568,20 @@ class CallBridge:
             )
         now = self._now_ms()
         if self.feed is not None:
-            self.feed.tool_ran(
-                self.call_sid,
-                action.name,
-                action.arguments,
-                outcome=outcome_of(result.output),
-                at_ms=started_ms - self.call.started_ms,
-                ms=now - started_ms,
-            )
-            if result.collection is not None:
-                self.feed.products_sent(self.call_sid, result.collection)
+            self._show_tool(self.feed, action, result, started_ms, now)
         self._dispatch(self.call.on_tool_result(action.call_id, result, now))
+
+    def _show_tool(
+        self, feed: CallFeed, action: RunTool, result: ToolResult, started_ms: int, now_ms: int
+    ) -> None:
+        """The console's line for a tool call, and the cards of the products it sent."""
+        outcome = outcome_of(result.output)
+        at_ms = started_ms - self.call.started_ms
+        feed.tool_ran(
+            self.call_sid, action.name, action.arguments, outcome=outcome, at_ms=at_ms, ms=now_ms - started_ms
+        )
+        if result.collection is not None:
+            feed.products_sent(self.call_sid, result.collection)
 
     async def _transfer(self, action: Transfer) -> None:
         twilio, number = self.deps.twilio, self.store.transfer_to(self._local_now())
