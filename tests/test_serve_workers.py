@@ -241,18 +241,18 @@ async def test_the_console_on_either_worker_shows_every_workers_calls(
         "CONSOLE_PASSWORD": CONSOLE_PASSWORD,
         "LOG_LEVEL": "WARNING",
     }
-    server = ServeProcess("serve", tmp_path, env, "--workers", "2")
+    server = ServeProcess({**os.environ, **env}, tmp_path, "--workers", "2", name="serve")
     calls: list[PhoneCall] = []
     try:
-        await server.wait_healthy()
-        first, second = await both_workers(server.proc.pid)
-        calls.append(await steered_dial(server.url, twilio, "+15551230101", second, first))
-        calls.append(await steered_dial(server.url, twilio, "+15551230102", first, second))
+        await server.start()
+        first, second = await both_workers(server.pid)
+        calls.append(await steered_dial(server.base_url, twilio, "+15551230101", second, first))
+        calls.append(await steered_dial(server.base_url, twilio, "+15551230102", first, second))
         for answering, other in ((first, second), (second, first)):
-            snapshot = await console_snapshot(server.url, answering, other)
+            snapshot = await console_snapshot(server.base_url, answering, other)
             assert sorted(call["caller"] for call in snapshot["live"]) == ["***0101", "***0102"], answering
     except BaseException:
-        print(server.log())
+        print(server.log_tail())
         raise
     finally:
         for call in calls:
