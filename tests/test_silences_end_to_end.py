@@ -31,6 +31,9 @@ AUDIO = SAMPLE_CATALOG_PATH.parent.parent / "sim" / "audio"
 IDLE_S = 2.0
 # What the stand-ins and the bot's pacer may add to a configured time on a busy machine.
 SLACK_S = 0.5
+# The phone plays a frame when it arrives: on a loaded machine a late last frame ends a line
+# later than the bot's clock has it, so the next line may seem to start that much early.
+EARLY_S = 0.15
 TOOL_WAIT_BOUND_S = 1.5
 
 
@@ -77,8 +80,8 @@ async def test_a_silent_caller_is_asked_once_then_told_goodbye_and_hung_up_at_th
         await call.wait_closed(timeout=10 + 3 * IDLE_S)
         record = await call_record(stack)
     greeting, question, goodbye = call.utterances()
-    assert IDLE_S - 0.05 <= question[0] - greeting[1] <= IDLE_S + SLACK_S
-    assert IDLE_S - 0.05 <= goodbye[0] - question[1] <= IDLE_S + SLACK_S
+    assert IDLE_S - EARLY_S <= question[0] - greeting[1] <= IDLE_S + SLACK_S
+    assert IDLE_S - EARLY_S <= goodbye[0] - question[1] <= IDLE_S + SLACK_S
     [(hung_up_at, update)] = twilio.call_updates()
     assert update["Status"] == "completed"
     assert 0 <= hung_up_at - call.dialled_at - goodbye[1] <= SLACK_S, "hung up once the goodbye was heard"
