@@ -31,7 +31,10 @@ LOUD_ULAW = b"\x10"
 STALL_S = 2.0
 STALE_FRAMES_MAX = 400
 LOOP_PROBE_S = 0.01
-LOOP_LAG_P99_MAX_S = 0.05
+# A reader that waited on the stalled socket would hold the loop for the whole stall (2 s). The
+# loop here also runs the phone's unpaced burst and the simulators, beside other tests: how short
+# its lag stays under load is bench/calls.py's to measure, not this test's.
+LOOP_LAG_P99_MAX_S = 0.25
 # Row 14: a short down-link bound and small socket buffers, so a stuck phone backs up in seconds.
 TEST_DOWNLINK_MAX_MESSAGES = 100
 APP_SNDBUF_BYTES = 8192
