@@ -17,7 +17,7 @@ What is measured, and how (every timestamp is `time.monotonic()` in this process
   design and shift the offset once; a frame lost mid-call shifts it again and is counted).
 - down-link added latency: a `response.output_audio.delta` written by the simulator -> the first
   Twilio media frame holding its audio read by the phone. Frames are matched to deltas through the
-  mark the bot sends after every frame (`generation:ms_sent:item_id`): the first frame of the item
+  mark the bot sends after every message (`generation:ms_sent:item_id`): the first frame of the item
   whose mark passes the delta's start offset. The bot paces audio at up to 2x real time on
   purpose, so with a model faster than that, later deltas of a reply wait for playback; "first"
   is the first delta of each reply (never paced), "all" is every delta. The simulated model
@@ -456,7 +456,7 @@ class Downlink:
 
 @dataclass(slots=True)
 class PhoneView:
-    """A phone's events, in absolute time: frames out, frames in grouped by the mark after each."""
+    """A phone's events, in absolute time: frames out, messages in grouped by the mark after each."""
 
     frames_out: list[float]
     hangup_t: float

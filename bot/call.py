@@ -52,6 +52,10 @@ FRAME_MS = 20
 MULAW_BYTES_PER_MS = 8
 PCM24K_BYTES_PER_MS = 48
 FRAME_BYTES = FRAME_MS * MULAW_BYTES_PER_MS
+# Down-link messages: one `media` and one `mark` carry up to this much audio (a model delta is
+# about 100 ms): ten messages a delta at 20 ms each would cost the bridge more than its features.
+CHUNK_MAX_MS = 100
+CHUNK_BYTES = CHUNK_MAX_MS * MULAW_BYTES_PER_MS
 
 # Down-link pacing: model audio reaches Twilio at most PACE_RATE x real time after an initial
 # burst, and never more than PACE_MAX_LEAD_MS ahead of playback, so a `clear` flushes little.
@@ -247,9 +251,19 @@ class _Item:
     buf: bytearray = field(default_factory=bytearray)
     sent_bytes: int = 0
     heard_ms: int = 0
-    heard_at_ms: int = 0
     audio_done: bool = False
     entry: TranscriptEntry | None = None
+    mark_tail: str = ""
+
+
+@dataclass(slots=True, eq=False)
+class _Chunk:
+    """One `media` message sent and its mark not yet echoed: `start_ms`/`end_ms` in its item."""
+
+    item: _Item
+    start_ms: int
+    end_ms: int
+    sent_ms: int
 
 
 @dataclass(slots=True)
@@ -323,7 +337,8 @@ class Call:
         self._gen_tag = "0"
         self._playing: dict[str, _Item] = {}
         self._queue: deque[_Item] = deque()
-        self._unacked = 0
+        self._inflight: deque[_Chunk] = deque()
+        self._echo_ms: int | None = None
         self._credit = float(PACE_BURST_MS)
         self._credit_at = now_ms
         self._playout_end = now_ms
@@ -426,18 +441,25 @@ class Call:
         gen, _, rest = name.partition(":")
         if gen != self._gen_tag:
             return
-        if self._unacked > 0:
-            self._unacked -= 1
         heard, _, item_id = rest.partition(":")
-        item = self._playing.get(item_id)
         heard_ms = parse_digits(heard)
-        if item is None or heard_ms is None:
+        inflight = self._inflight
+        # Twilio echoes in order, so this is the oldest chunk; one echoed past others means
+        # those played too. A name matching no chunk in flight (a repeat, a forgery) counts nothing.
+        played = 0
+        for chunk in inflight:
+            played += 1
+            if chunk.end_ms == heard_ms and chunk.item.item_id == item_id:
+                break
+        else:
             return
-        if heard_ms > item.heard_ms:
-            item.heard_ms = heard_ms
-            item.heard_at_ms = now_ms
-        if item.audio_done and not item.buf and item.heard_ms >= item.sent_bytes // MULAW_BYTES_PER_MS:
-            del self._playing[item_id]
+        for _ in range(played):
+            chunk = inflight.popleft()
+            item = chunk.item
+            item.heard_ms = chunk.end_ms
+            if item.audio_done and not item.buf and item.heard_ms * MULAW_BYTES_PER_MS >= item.sent_bytes:
+                self._playing.pop(item.item_id, None)
+        self._echo_ms = now_ms
 
     def _on_dtmf(self, digit: str, now_ms: int) -> list[Action]:
         if digit not in DTMF_DIGITS:
@@ -730,16 +752,16 @@ class Call:
     def next_deadline(self) -> int | None:
         """The `now_ms` at which `tick` has work to do, or None while only input can help."""
         candidates: list[int] = []
-        head = self._queue[0] if self._queue else None
-        if head is not None and (len(head.buf) >= FRAME_BYTES or (head.audio_done and head.buf)):
-            short = FRAME_MS - self._credit
+        size = _chunk_bytes(self._queue[0]) if self._queue else 0
+        if size:
+            duration_ms = -(-size // MULAW_BYTES_PER_MS)
+            short = duration_ms - self._credit
             credit_at = self._credit_at + (int(-(-short // PACE_RATE)) if short > 0 else 0)
-            candidates.append(
-                max(credit_at, self._playout_end - PACE_MAX_LEAD_MS, self._last_forward_ms + PACE_TICK_MS)
-            )
+            lead_at = self._playout_end + duration_ms - PACE_MAX_LEAD_MS - FRAME_MS
+            candidates.append(max(credit_at, lead_at, self._last_forward_ms + PACE_TICK_MS))
         if self._user_speaking and not self._stall_padded and self._last_media_ms is not None:
             candidates.append(self._last_media_ms + INPUT_STALL_MS)
-        if self._pending is not None and self._unacked > 0:
+        if self._pending is not None and self._inflight:
             candidates.append(self._playout_end + MARK_GRACE_MS)
         if self._session_live and not self._rotating:
             candidates.append(max(self._rotate_at_ms, self._last_tick_ms + ROTATION_RETRY_MS))
@@ -772,7 +794,7 @@ class Call:
     def _after_marks(self, due: int | None) -> int | None:
         """`due`, or later while marks are unechoed (up to their grace): the bot's words must
         have been heard; an echo moves it back."""
-        if due is None or not self._unacked:
+        if due is None or not self._inflight:
             return due
         return max(due, self._playout_end + MARK_GRACE_MS)
 
@@ -831,36 +853,41 @@ class Call:
     # --- down-link internals ----------------------------------------------------------
 
     def _forward(self, now_ms: int) -> list[Action]:
-        """Send as many 20 ms frames as pacing allows, each followed by its mark."""
-        if not self._queue:
+        """Send what pacing allows, a message of up to CHUNK_MAX_MS at a time, each followed by
+        its mark."""
+        queue = self._queue
+        if not queue:
             return []
         credit = min(float(PACE_BURST_MS), self._credit + (now_ms - self._credit_at) * PACE_RATE)
         self._credit_at = now_ms
         actions: list[Action] = []
         out = self.out
-        while self._queue and credit >= FRAME_MS and self._playout_end - now_ms < PACE_MAX_LEAD_MS:
-            item = self._queue[0]
+        while queue:
+            item = queue[0]
             buf = item.buf
-            if len(buf) < FRAME_BYTES and not item.audio_done:
+            size = _chunk_bytes(item)
+            if not size:
+                if not item.audio_done:
+                    break
+                queue.popleft()  # all sent
+                continue
+            duration_ms = size / MULAW_BYTES_PER_MS
+            if credit < duration_ms or self._playout_end - now_ms + duration_ms > PACE_MAX_LEAD_MS + FRAME_MS:
                 break
-            chunk = bytes(buf[:FRAME_BYTES])
-            del buf[:FRAME_BYTES]
-            if chunk:
-                if item.sent_bytes == 0 and (timed := self._first_frame(item, now_ms)) is not None:
+            if item.sent_bytes == 0:
+                if (timed := self._first_frame(item, now_ms)) is not None:
                     actions.append(timed)
-                item.sent_bytes += len(chunk)
-                duration_ms = len(chunk) / MULAW_BYTES_PER_MS
-                credit -= duration_ms
-                self._playout_end = max(self._playout_end, now_ms) + int(duration_ms)
-                name = f"{self._gen_tag}:{item.sent_bytes // MULAW_BYTES_PER_MS}:{item.item_id}"
-                actions.append(ToTwilio(out.media(base64.b64encode(chunk).decode("ascii"))))
-                actions.append(ToTwilio(out.mark(name)))
-                self._unacked += 1
-            if not buf and item.audio_done:
-                self._queue.popleft()
-        queue = self._queue
-        while queue and queue[0].audio_done and not queue[0].buf:
-            queue.popleft()  # all sent, though the credit ran out on its last frame
+                item.mark_tail = out.mark_tail(item.item_id)
+            chunk = bytes(buf[:size])
+            del buf[:size]
+            start_ms = item.sent_bytes // MULAW_BYTES_PER_MS
+            item.sent_bytes += size
+            end_ms = item.sent_bytes // MULAW_BYTES_PER_MS
+            credit -= duration_ms
+            self._playout_end = max(self._playout_end, now_ms) + int(duration_ms)
+            self._inflight.append(_Chunk(item, start_ms, end_ms, now_ms))
+            actions.append(ToTwilio(out.media(base64.b64encode(chunk).decode("ascii"))))
+            actions.append(ToTwilio(out.mark(self._gen_tag, end_ms, item.mark_tail)))
         self._credit = credit
         if actions:
             self._last_forward_ms = now_ms
@@ -879,18 +906,24 @@ class Call:
         return TurnTimed(stats.first_audio_latency_ms, stats.bot_latency_ms)
 
     def _heard_now(self, item: _Item, now_ms: int) -> int:
-        """The last echoed mark, plus the time since its echo up to one frame: playback goes on
-        between marks, but never past a mark not yet echoed, nor past the audio sent."""
-        if item.heard_ms <= 0:
-            return 0
-        since_ms = min(max(now_ms - item.heard_at_ms, 0), FRAME_MS)
-        return min(item.heard_ms + since_ms, item.sent_bytes // MULAW_BYTES_PER_MS)
+        """The item's last echoed mark, plus, while its next chunk is the one playing, the time
+        since that chunk began (the last echo, or its sending if the phone had run dry), up to
+        the chunk's end: playback goes on between marks, never past a mark not yet echoed.
+        Before the first echo after a `clear` nothing is credited: the phone's position is
+        unknown until then."""
+        inflight = self._inflight
+        echo_ms = self._echo_ms
+        if echo_ms is None or not inflight or inflight[0].item is not item:
+            return item.heard_ms
+        head = inflight[0]
+        since_ms = now_ms - max(echo_ms, head.sent_ms)
+        return head.start_ms + min(max(since_ms, 0), head.end_ms - head.start_ms)
 
     def _unplayed(self, now_ms: int) -> bool:
         """Is bot audio still queued, in flight, or being generated for the caller?"""
         if self._queue:
             return True
-        if self._unacked > 0 and now_ms < self._playout_end + MARK_GRACE_MS:
+        if self._inflight and now_ms < self._playout_end + MARK_GRACE_MS:
             return True
         active = self._active
         return active is not None and any(
@@ -930,7 +963,8 @@ class Call:
         self._queue.clear()
         self._gen += 1
         self._gen_tag = str(self._gen)
-        self._unacked = 0
+        self._inflight.clear()
+        self._echo_ms = None
         self._playout_end = now_ms
         if self._downlink is not None:
             self._downlink.reset()
@@ -976,7 +1010,7 @@ class Call:
             and not self._requested
             and self._want is None
             and not self._queue
-            and (self._unacked == 0 or now_ms >= self._playout_end + MARK_GRACE_MS)
+            and (not self._inflight or now_ms >= self._playout_end + MARK_GRACE_MS)
             and self._unanswered == 0
         ):
             self._pending = None
@@ -1057,6 +1091,15 @@ class Call:
 
 
 # --- helpers --------------------------------------------------------------------------
+
+
+def _chunk_bytes(item: _Item) -> int:
+    """The size of the item's next message: up to CHUNK_MAX_MS of what is buffered, in whole
+    20 ms frames but for the item's very last bytes."""
+    buffered = len(item.buf)
+    if buffered >= CHUNK_BYTES:
+        return CHUNK_BYTES
+    return buffered if item.audio_done else buffered - buffered % FRAME_BYTES
 
 
 def _append_text(audio_b64: str) -> str:

@@ -247,9 +247,15 @@ class Outbound:
         """Audio to play; `payload` is base64 mu-law 8 kHz, JSON-safe as it is."""
         return self._media_prefix + payload + '"}}'
 
-    def mark(self, name: str) -> str:
-        """A mark Twilio echoes once the audio sent before it has played."""
-        return self._mark_prefix + json.dumps(name) + "}}"
+    def mark_tail(self, item_id: str) -> str:
+        """The end of every mark naming one item (`:item_id`, JSON-escaped, and the closing
+        braces), built once per item so a mark costs a few concatenations, never a `json.dumps`."""
+        return json.dumps(":" + item_id)[1:] + "}}"
+
+    def mark(self, generation: str, offset_ms: int, tail: str) -> str:
+        """A mark Twilio echoes once the audio sent before it has played, named
+        `generation:offset_ms:item_id`; `tail` comes from `mark_tail(item_id)`."""
+        return self._mark_prefix + '"' + generation + ":" + str(offset_ms) + tail
 
     def clear(self) -> str:
         """Flush Twilio's playback buffer; every pending mark is echoed at once."""

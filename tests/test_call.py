@@ -17,6 +17,7 @@ from openai.types.realtime import RealtimeClientEvent, RealtimeServerEvent
 from pydantic import BaseModel, TypeAdapter
 
 from bot.call import (
+    CHUNK_MAX_MS,
     FRAME_MS,
     GAP_FILL_MAX_MS,
     INPUT_STALL_MS,
@@ -174,6 +175,16 @@ def marks(actions: list[Action]) -> list[str]:
     return [f["mark"]["name"] for f in twilio_frames(actions) if f["event"] == "mark"]
 
 
+def media_ms(actions: list[Action]) -> list[int]:
+    """Milliseconds of audio in each media message sent."""
+    frames = twilio_frames(actions)
+    return [len(base64.b64decode(f["media"]["payload"])) // 8 for f in frames if f["event"] == "media"]
+
+
+def sent_ms(actions: list[Action]) -> int:
+    return sum(media_ms(actions))
+
+
 def echo(call: Call, names: list[str], now_ms: int) -> list[Action]:
     actions: list[Action] = []
     for name in names:
@@ -185,6 +196,15 @@ def speak(call: Call, item_id: str, response_id: str, ms: int, now_ms: int = 0) 
     """A whole response of `ms` audio arriving at once (the model is faster than real time)."""
     actions = feed(call, response_created(response_id), now_ms)
     actions += feed(call, delta(item_id, response_id, ms), now_ms)
+    actions += feed(call, audio_done(item_id, response_id), now_ms)
+    return actions
+
+
+def speak_in_frames(call: Call, item_id: str, response_id: str, ms: int, now_ms: int = 0) -> list[Action]:
+    """Like `speak`, with the audio in 20 ms deltas: each goes out at once as its own message."""
+    actions = feed(call, response_created(response_id), now_ms)
+    for _ in range(ms // FRAME_MS):
+        actions += feed(call, delta(item_id, response_id, FRAME_MS), now_ms)
     actions += feed(call, audio_done(item_id, response_id), now_ms)
     return actions
 
@@ -269,35 +289,57 @@ def test_pcm16_gap_silence_goes_through_the_transcoder() -> None:
 # --- down-link and pacing -------------------------------------------------------------
 
 
-def test_each_20ms_frame_is_followed_by_a_mark_naming_generation_offset_and_item() -> None:
+def test_a_delta_goes_out_as_one_media_message_and_a_mark_naming_generation_offset_and_item() -> None:
     call = new_call()
     frames = twilio_frames(speak(call, "item_a", "resp_a", 60))
-    assert [f["event"] for f in frames] == ["media", "mark"] * 3
-    assert [f["mark"]["name"] for f in frames[1::2]] == ["0:20:item_a", "0:40:item_a", "0:60:item_a"]
-    assert all(len(base64.b64decode(f["media"]["payload"])) == 160 for f in frames[::2])
+    assert [f["event"] for f in frames] == ["media", "mark"]
+    assert frames[1]["mark"]["name"] == "0:60:item_a"
+    assert len(base64.b64decode(frames[0]["media"]["payload"])) == 60 * 8
+
+
+def test_a_long_delta_goes_out_in_messages_of_at_most_100ms_each_with_its_mark() -> None:
+    call = new_call()
+    feed(call, response_created("resp_a"), 0)
+    actions = feed(call, delta("item_a", "resp_a", 2 * CHUNK_MAX_MS), 0)
+    assert media_ms(actions) == [CHUNK_MAX_MS] * 2
+    assert marks(actions) == ["0:100:item_a", "0:200:item_a"]
 
 
 def test_pacing_sends_a_burst_then_at_most_twice_real_time() -> None:
     call = new_call()
-    first = twilio_frames(speak(call, "item_a", "resp_a", 5_000))
-    assert len(first) // 2 == PACE_BURST_MS // FRAME_MS
-    sent_ms, now = PACE_BURST_MS, 0
+    sent = sent_ms(speak(call, "item_a", "resp_a", 5_000))
+    assert sent == PACE_BURST_MS
+    now = 0
     while now < 300:
         deadline = call.next_deadline()
         assert deadline is not None and deadline > now
         now = deadline
-        sent_ms += FRAME_MS * len(marks(call.tick(now)))
-        assert sent_ms <= PACE_BURST_MS + 2 * now
-    assert sent_ms > PACE_BURST_MS
+        sent += sent_ms(call.tick(now))
+        assert sent <= PACE_BURST_MS + 2 * now
+    assert sent > PACE_BURST_MS
 
 
 def test_pacing_never_runs_more_than_the_lead_ahead_of_playback() -> None:
     call = new_call()
-    sent = len(marks(speak(call, "item_a", "resp_a", 10_000))) * FRAME_MS
+    sent = sent_ms(speak(call, "item_a", "resp_a", 10_000))
     for now in range(40, 5_000, 40):
-        sent += len(marks(call.tick(now))) * FRAME_MS
+        sent += sent_ms(call.tick(now))
         assert sent - now <= PACE_MAX_LEAD_MS + FRAME_MS
     assert sent >= 5_000
+
+
+def test_a_model_faster_than_real_time_still_gets_messages_of_100ms() -> None:
+    call = new_call()
+    speak(call, "item_a", "resp_a", 10_000)
+    sizes: list[int] = []
+    now = 0
+    while now < 5_000:
+        deadline = call.next_deadline()
+        assert deadline is not None and deadline > now
+        now = deadline
+        actions = call.tick(now)
+        sizes += media_ms(actions)
+    assert sizes and set(sizes) == {CHUNK_MAX_MS}
 
 
 def pcm_delta(item_id: str, response_id: str, ms: int) -> dict[str, Any]:
@@ -306,7 +348,7 @@ def pcm_delta(item_id: str, response_id: str, ms: int) -> dict[str, Any]:
     return event
 
 
-def test_pcm16_model_audio_becomes_20ms_mulaw_frames() -> None:
+def test_pcm16_model_audio_becomes_mulaw_messages_of_whole_20ms_frames() -> None:
     call = new_call(audio_format="pcm16")
     feed(call, response_created("resp_a"), 0)
     actions = feed(call, pcm_delta("item_a", "resp_a", 100), 0)
@@ -315,7 +357,7 @@ def test_pcm16_model_audio_becomes_20ms_mulaw_frames() -> None:
         base64.b64decode(f["media"]["payload"]) for f in twilio_frames(actions) if f["event"] == "media"
     ]
     assert sum(map(len, payloads)) == 100 * 8
-    assert {len(p) for p in payloads} == {160}
+    assert all(len(p) % 160 == 0 for p in payloads)
     assert marks(actions)[-1] == "0:100:item_a"
 
 
@@ -360,7 +402,7 @@ def test_an_idle_call_has_no_deadline_but_its_session_age() -> None:
 def test_barge_in_clears_twilio_and_truncates_at_the_last_acknowledged_mark() -> None:
     call = new_call()
     names = marks(speak(call, "item_a", "resp_a", 200))
-    echo(call, names[:5], 100)
+    echo(call, names[:1], 100)
     actions = feed(call, speech_started(), 100)
     assert of_type(twilio_frames(actions), "clear") == [{"event": "clear", "streamSid": SID}]
     assert of_type(realtime_events(actions), "conversation.item.truncate") == [
@@ -368,15 +410,26 @@ def test_barge_in_clears_twilio_and_truncates_at_the_last_acknowledged_mark() ->
     ]
 
 
-@pytest.mark.parametrize(("since_echo_ms", "audio_end_ms"), [(0, 100), (7, 107), (20, 120), (500, 120)])
-def test_playback_between_marks_is_credited_up_to_one_frame_past_the_last_echo(
+@pytest.mark.parametrize(("since_echo_ms", "audio_end_ms"), [(0, 100), (7, 107), (73, 173), (500, 200)])
+def test_playback_between_marks_is_credited_up_to_the_end_of_the_message_playing(
     since_echo_ms: int, audio_end_ms: int
 ) -> None:
     call = new_call()
-    names = marks(speak(call, "item_a", "resp_a", 200))
-    echo(call, names[:5], 100)
+    feed(call, response_created("resp_a"), 0)
+    names = marks(feed(call, delta("item_a", "resp_a", 200), 0))
+    feed(call, delta("item_a", "resp_a", 100), 0)
+    echo(call, names[:1], 100)
     events = realtime_events(feed(call, speech_started(), 100 + since_echo_ms))
     assert of_type(events, "conversation.item.truncate")[0]["audio_end_ms"] == audio_end_ms
+
+
+def test_a_message_sent_after_the_phone_ran_dry_is_credited_from_its_sending() -> None:
+    call = new_call()
+    feed(call, response_created("resp_a"), 0)
+    echo(call, marks(feed(call, delta("item_a", "resp_a", 100), 0)), 100)
+    feed(call, delta("item_a", "resp_a", 100), 160)
+    events = realtime_events(feed(call, speech_started(), 190))
+    assert of_type(events, "conversation.item.truncate")[0]["audio_end_ms"] == 130
 
 
 def test_credit_between_marks_never_passes_the_audio_sent() -> None:
@@ -393,9 +446,9 @@ def test_heard_is_counted_from_marks_not_from_the_inbound_clock() -> None:
     names = marks(speak(call, "item_a", "resp_a", 200))
     for ts in range(0, 2_000, 20):
         call.on_twilio(media(ts), ts)
-    echo(call, names[:2], 2_000)
+    echo(call, names[:1], 2_000)
     events = realtime_events(feed(call, speech_started(), 2_000))
-    assert of_type(events, "conversation.item.truncate")[0]["audio_end_ms"] == 40
+    assert of_type(events, "conversation.item.truncate")[0]["audio_end_ms"] == 100
 
 
 def test_no_clear_and_no_truncate_when_nothing_is_playing() -> None:
@@ -414,12 +467,12 @@ def test_marks_echoed_after_a_clear_belong_to_an_old_generation_and_are_ignored(
     echo(call, names[:1], 20)
     feed(call, speech_started(), 30)
     echo(call, names[1:], 30)
-    new_names = marks(speak(call, "item_b", "resp_b", 100, now_ms=40))
-    assert all(name.startswith("1:") for name in new_names)
-    echo(call, new_names[:2], 80)
-    events = realtime_events(feed(call, speech_started("item_user2"), 80))
+    new_names = marks(speak(call, "item_b", "resp_b", 200, now_ms=100))
+    assert new_names and all(name.startswith("1:") for name in new_names)
+    echo(call, new_names[:1], 200)
+    events = realtime_events(feed(call, speech_started("item_user2"), 200))
     assert of_type(events, "conversation.item.truncate") == [
-        {"type": "conversation.item.truncate", "item_id": "item_b", "content_index": 0, "audio_end_ms": 40}
+        {"type": "conversation.item.truncate", "item_id": "item_b", "content_index": 0, "audio_end_ms": 100}
     ]
 
 
@@ -431,7 +484,7 @@ def test_late_deltas_of_an_interrupted_response_are_dropped() -> None:
     assert twilio_frames(feed(call, delta("item_a", "resp_a", 100), 11)) == []
     assert twilio_frames(feed(call, delta("item_x", "resp_a", 100), 12)) == []
     feed(call, response_done("resp_a", "cancelled"), 13)
-    assert len(marks(speak(call, "item_b", "resp_b", 40, now_ms=20))) == 2
+    assert marks(speak(call, "item_b", "resp_b", 40, now_ms=20)) == ["1:40:item_b"]
 
 
 def test_a_response_interrupted_before_its_first_delta_is_never_played() -> None:
@@ -451,7 +504,7 @@ def test_an_item_of_which_nothing_was_heard_is_deleted_not_truncated() -> None:
 
 def test_overlapping_items_are_each_cut_at_their_own_position() -> None:
     call = new_call()
-    names_a = marks(speak(call, "item_a", "resp_a", 100))
+    names_a = marks(speak_in_frames(call, "item_a", "resp_a", 100))
     feed(call, response_done("resp_a"), 0)
     names_b = marks(speak(call, "item_b", "resp_b", 100, now_ms=1))
     echo(call, names_a[:3], 60)
@@ -467,7 +520,9 @@ def test_a_fully_heard_item_is_not_truncated_when_the_next_one_is_interrupted() 
     call = new_call()
     names_a = marks(speak(call, "item_a", "resp_a", 60))
     echo(call, names_a, 60)
-    names_b = marks(feed(call, delta("item_b", "resp_a", 60), 61))
+    names_b: list[str] = []
+    for _ in range(3):
+        names_b += marks(feed(call, delta("item_b", "resp_a", FRAME_MS), 61))
     echo(call, names_b[:1], 80)
     events = realtime_events(feed(call, speech_started(), 80))
     assert [e.get("item_id") for e in events] == ["item_b"]
@@ -688,8 +743,8 @@ def test_the_transfer_key_takes_the_transfer_path_once_per_storm() -> None:
 def test_the_transfer_key_stops_the_bot_mid_sentence() -> None:
     call = new_call()
     names = marks(speak(call, "item_a", "resp_a", 200))
-    echo(call, names[:2], 40)
-    events = call.on_twilio(Dtmf(SID, "0"), 45)
+    echo(call, names[:1], 100)
+    events = call.on_twilio(Dtmf(SID, "0"), 105)
     assert of_type(twilio_frames(events), "clear")
     assert [e["type"] for e in realtime_events(events)] == ["conversation.item.truncate", "response.cancel"]
 
@@ -730,7 +785,7 @@ def test_an_interrupted_answer_is_kept_only_as_far_as_it_was_heard() -> None:
     call = new_call()
     names = marks(speak(call, "item_a", "resp_a", 200))
     feed(call, output_transcript("item_a", "one two three four five six seven eight nine ten"), 1)
-    echo(call, names[:5], 100)
+    echo(call, names[:1], 100)
     feed(call, speech_started(), 100)
     [entry] = call.record(200)["transcript"]
     assert entry == {"role": "assistant", "text": "one two three four five", "at_ms": 0, "interrupted": True}

@@ -208,7 +208,7 @@ def test_outbound_frames_are_the_documented_json() -> None:
         "streamSid": SID,
         "media": {"payload": "AAAA"},
     }
-    assert json.loads(out.mark("3:40:item_1")) == {
+    assert json.loads(out.mark("3", 40, out.mark_tail("item_1"))) == {
         "event": "mark",
         "streamSid": SID,
         "mark": {"name": "3:40:item_1"},
@@ -220,3 +220,10 @@ def test_outbound_escapes_a_hostile_stream_sid() -> None:
     out = Outbound('MZ"}, "event": "x')
     assert json.loads(out.media("AAAA"))["streamSid"] == 'MZ"}, "event": "x'
     assert json.loads(out.clear())["event"] == "clear"
+
+
+def test_a_mark_escapes_a_hostile_item_id() -> None:
+    out = Outbound(SID)
+    name = json.loads(out.mark("0", 100, out.mark_tail('it"}}, "event": "x\\')))["mark"]["name"]
+    assert name == '0:100:it"}}, "event": "x\\'
+
