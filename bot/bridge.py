@@ -475,7 +475,10 @@ class CallBridge:
     # --- the pacer --------------------------------------------------------------------
 
     async def _pace(self) -> None:
-        """Calls `Call.tick` at its deadlines; `_dispatch` wakes it when one moves earlier."""
+        """Calls `Call.tick` at its deadlines; `_dispatch` wakes it when one moves earlier.
+
+        `next_deadline()` is asked once per wake-up: a wake-up by `_dispatch` only asks again,
+        and `tick` at a deadline that has since moved is harmless (it does only what is due)."""
         call = self.call
         wake = self._pacer_wake
         while True:
@@ -484,20 +487,31 @@ class CallBridge:
             wake.clear()
             if deadline is None:
                 await wake.wait()
-            else:
-                delay_s = (deadline - self._now_ms()) / 1000
-                if delay_s > 0:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(delay_s):
-                            await wake.wait()
-            now = self._now_ms()
-            due = call.next_deadline()
-            if due is not None and due <= now:
-                self._dispatch(call.tick(now))
+                continue
+            delay_s = (deadline - self._now_ms()) / 1000
+            if delay_s > 0:
+                try:
+                    async with asyncio.timeout(delay_s):
+                        await wake.wait()
+                    continue
+                except TimeoutError:
+                    pass
+            self._carry_out(call.tick(self._now_ms()))
 
     # --- actions ----------------------------------------------------------------------
 
     def _dispatch(self, actions: list[Action]) -> None:
+        """Carries out what the call asked for, then wakes the pacer if its deadline moved
+        earlier."""
+        if self._closing:
+            return
+        self._carry_out(actions)
+        target = self._pacer_target
+        deadline = self.call.next_deadline()
+        if deadline is not None and (target is None or deadline < target):
+            self._pacer_wake.set()
+
+    def _carry_out(self, actions: list[Action]) -> None:
         """Carries out what the call asked for, in order; nothing here blocks."""
         if self._closing:
             return
@@ -531,10 +545,6 @@ class CallBridge:
                 self.metrics.turn_timed(action.latency_ms, action.bot_ms)
                 if self.feed is not None:
                     self.feed.turn_timed(self.call_sid, action.latency_ms, action.bot_ms)
-        target = self._pacer_target
-        deadline = self.call.next_deadline()
-        if deadline is not None and (target is None or deadline < target):
-            self._pacer_wake.set()
 
     def _side(self, work: Coroutine[Any, Any, None]) -> None:
         task = self._task("side", self._guard("side", work))
