@@ -150,6 +150,11 @@ class RealtimeClient:
         """Sends one client event (JSON text). Raises ConnectionClosed once the socket is gone."""
         await self._ws.send(text)
 
+    def takes_data_now(self) -> bool:
+        """Would `send` return without waiting? True while nothing is left in the write buffer:
+        one event is far below the high-water mark that makes websockets wait for a drain."""
+        return self._ws.transport.get_write_buffer_size() == 0
+
     async def events(self) -> AsyncIterator[ServerEvent | Malformed]:
         """Server events, each frame parsed once, until the socket closes (how: `close_code`).
 
