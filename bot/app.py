@@ -58,7 +58,7 @@ from bot.stores import DEFAULT_STORE_ID, Store, Stores, StoresError
 from bot.stream_token import mint_stream_token
 from bot.tools import BrowserTools, OutboxUnavailable, StoreTools
 from bot.twilio_rest import TwilioRest
-from bot.twilio_stream import MAX_MESSAGE_BYTES
+from bot.twilio_stream import MAX_MESSAGE_BYTES, UVICORN_WS
 from bot.twiml import render_fallback_twiml, render_stream_twiml
 from bot.worker_feeds import WorkerFeeds, feed_dir, shared_feed_folder
 
@@ -667,6 +667,7 @@ def main(argv: list[str]) -> int:
             workers=workers,
             host=args.host or settings.host,
             port=args.port or settings.port,
+            ws=UVICORN_WS,
             ws_max_size=MAX_MESSAGE_BYTES,
             log_config=None,
             proxy_headers=True,

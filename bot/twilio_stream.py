@@ -19,6 +19,9 @@ from bot.wire import JsonFault, decode_base64, load_json, parse_count
 # The largest Media Streams message the app accepts (uvicorn's default is 16 MiB). Twilio's own
 # messages are well under 1 KiB; anything near this is a fault, and is closed with 1009.
 MAX_MESSAGE_BYTES = 64 * 1024
+# uvicorn's WebSocket implementation for the Media Streams socket, in `serve` and in the tests'
+# servers alike: of uvicorn's three, the cheapest per message on the peer benchmark's load.
+UVICORN_WS = "websockets-sansio"
 # `start` is the deepest message Twilio sends (start.customParameters): three levels.
 MAX_NESTING = 8
 MULAW_BYTES_PER_MS = 8

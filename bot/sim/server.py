@@ -17,7 +17,7 @@ import httpx
 import uvicorn
 
 from bot.sim.postgres import free_port
-from bot.twilio_stream import MAX_MESSAGE_BYTES
+from bot.twilio_stream import MAX_MESSAGE_BYTES, UVICORN_WS
 
 SERVE_START_TIMEOUT_S = 30.0
 SERVE_STOP_TIMEOUT_S = 20.0
@@ -31,7 +31,7 @@ class LocalServer:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
-        settings: dict[str, Any] = {"log_config": None, "ws_max_size": MAX_MESSAGE_BYTES}
+        settings: dict[str, Any] = {"log_config": None, "ws": UVICORN_WS, "ws_max_size": MAX_MESSAGE_BYTES}
         settings.update(config)
         self._server = uvicorn.Server(uvicorn.Config(app, lifespan="on", **settings))
         self._task: asyncio.Task[None] | None = None
