@@ -264,7 +264,14 @@ class Downsampler:
         self.reset()
 
     def convert(self, pcm: bytes) -> bytes:
-        """Returns one output sample per 3 input samples, less the 1.9 ms held back."""
+        """Returns one output sample per 3 input samples, less the 1.9 ms held back.
+
+        A chunk longer than 20 ms (a model delta is about 100 ms) is taken 20 ms at a time, which
+        changes no sample: the buffer stays one block long for the whole call, and a steady
+        stream stays on the fast path."""
+        if len(pcm) > _DOWN_BLOCK_BYTES:
+            step = _DOWN_BLOCK_BYTES
+            return b"".join([self.convert(pcm[at : at + step]) for at in range(0, len(pcm), step)])
         if self._steady and len(pcm) == _DOWN_BLOCK_BYTES:
             # The next whole block, with the buffer just refilled to its start: the 20 ms
             # frames of a steady stream (blocks are laid out so that these line up).
@@ -351,7 +358,7 @@ class Downsampler:
     def _grow(self, size: int) -> None:
         """Moves to a buffer of at least `size` bytes, keeping its samples."""
         kept = self._buffer[: 2 * self._kept]
-        self._buffer = bytearray(2 * size)
+        self._buffer = bytearray(size)
         self._buffer[: len(kept)] = kept
         self._view = memoryview(self._buffer)
         self._reach = self._view[: 2 * _DOWN_REACH]
