@@ -11,6 +11,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.protocol import State
 
 from bot.realtime_events import MAX_EVENT_CHARS, Ignored, Malformed, ServerEvent, parse_server_event
 from bot.settings import Settings
@@ -151,9 +152,11 @@ class RealtimeClient:
         await self._ws.send(text)
 
     def takes_data_now(self) -> bool:
-        """Would `send` return without waiting? True while nothing is left in the write buffer:
-        one event is far below the high-water mark that makes websockets wait for a drain."""
-        return self._ws.transport.get_write_buffer_size() == 0
+        """Would `send` return without waiting? True while the socket is open (a closing one
+        waits for the close) and nothing is left in its write buffer (one event is far below the
+        high-water mark that makes websockets wait for a drain)."""
+        ws = self._ws
+        return ws.state is State.OPEN and ws.transport.get_write_buffer_size() == 0
 
     async def events(self) -> AsyncIterator[ServerEvent | Malformed]:
         """Server events, each frame parsed once, until the socket closes (how: `close_code`).

@@ -106,6 +106,19 @@ async def test_close_leaves_no_session_open(sim: RealtimeSimulator) -> None:
     assert client.close_code == 1000
 
 
+async def test_only_an_open_socket_takes_an_event_without_waiting(sim: RealtimeSimulator) -> None:
+    """The bridge's Twilio reader sends a caller frame itself only then: a closing socket's send
+    waits for the close to finish, which must never hold up the phone's side."""
+    client = await RealtimeClient.open(settings_for(sim.url), AGENT)
+    await first_events(client, 1)
+    assert client.takes_data_now()
+    closing = asyncio.create_task(client.close())
+    await asyncio.sleep(0)
+    assert not client.takes_data_now()
+    await closing
+    assert not client.takes_data_now()
+
+
 async def test_a_dropped_socket_ends_the_event_stream_without_raising(sim: RealtimeSimulator) -> None:
     client = await RealtimeClient.open(settings_for(sim.url), AGENT)
     await first_events(client, 1)
