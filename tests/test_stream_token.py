@@ -1,3 +1,6 @@
+import hashlib
+import hmac
+
 import pytest
 
 from bot.stream_token import check_stream_token, mint_stream_token
@@ -14,6 +17,27 @@ def test_a_fresh_token_is_accepted_for_its_call() -> None:
 def test_a_token_is_refused_for_another_call() -> None:
     token = mint_stream_token(KEY, "CA1", NOW, ttl_s=120)
     assert check_stream_token(KEY, token, "CA2", NOW) == "bad_signature"
+
+
+def test_a_token_is_refused_for_another_store() -> None:
+    token = mint_stream_token(KEY, "CA1", NOW, ttl_s=120, store="downtown")
+    assert check_stream_token(KEY, token, "CA1", NOW, store="downtown") is None
+    assert check_stream_token(KEY, token, "CA1", NOW, store="uptown") == "bad_signature"
+    assert check_stream_token(KEY, token, "CA1", NOW) == "bad_signature"
+
+
+def storeless_token(call_sid: str, expires_at: int) -> str:
+    """A token as the release before stores minted it: no store in what it signs."""
+    mac = hmac.new(KEY, f"v1.{expires_at}.{call_sid}".encode(), hashlib.sha256).hexdigest()
+    return f"v1.{expires_at}.{mac}"
+
+
+def test_a_token_minted_before_stores_still_opens_the_default_stores_stream_and_no_other() -> None:
+    token = storeless_token("CA1", int(NOW) + 120)
+    assert check_stream_token(KEY, token, "CA1", NOW) is None
+    assert check_stream_token(KEY, token, "CA2", NOW) == "bad_signature"
+    assert check_stream_token(KEY, token, "CA1", NOW, store="downtown") == "bad_signature"
+    assert check_stream_token(KEY, token, "CA1", NOW + 121) == "expired"
 
 
 def test_an_expired_token_is_refused() -> None:
