@@ -69,6 +69,10 @@ INPUT_STALL_MS = 750
 INPUT_STALL_SILENCE_MS = 1000
 # Marks that never come back (a stuck Twilio) stop counting as unplayed audio after this.
 MARK_GRACE_MS = 2000
+# Chunks sent whose marks are not echoed yet: Twilio echoes each as it plays, so a handful (the
+# pacing lead) are in flight. A phone that never echoes must not grow the call's memory: past
+# this, the oldest is forgotten (never counted as heard).
+INFLIGHT_MAX = 600
 # After the caller stops, the server VAD starts its own response; ours would collide with it.
 RESPONSE_HOLD_MS = 1500
 # Silence a running tool may leave on the line before the caller hears a short "one moment".
@@ -337,7 +341,7 @@ class Call:
         self._gen_tag = "0"
         self._playing: dict[str, _Item] = {}
         self._queue: deque[_Item] = deque()
-        self._inflight: deque[_Chunk] = deque()
+        self._inflight: deque[_Chunk] = deque(maxlen=INFLIGHT_MAX)
         self._echo_ms: int | None = None
         self._credit = float(PACE_BURST_MS)
         self._credit_at = now_ms

@@ -20,6 +20,7 @@ from bot.call import (
     CHUNK_MAX_MS,
     FRAME_MS,
     GAP_FILL_MAX_MS,
+    INFLIGHT_MAX,
     INPUT_STALL_MS,
     PACE_BURST_MS,
     PACE_MAX_LEAD_MS,
@@ -821,6 +822,16 @@ def test_latency_is_measured_from_speech_stopped_to_the_first_frame_sent() -> No
     }
     assert record["usage"]["output_audio_tokens"] == 35
     assert any(isinstance(a, Note) and a.event == "response_done" for a in actions)
+
+
+def test_a_phone_that_never_echoes_marks_keeps_a_bounded_record_of_what_is_in_flight() -> None:
+    call = new_call()
+    feed(call, response_created("resp_a"), 0)
+    sent = 0
+    for n in range(INFLIGHT_MAX + 200):  # 80 s of 100 ms deltas, played in real time, never echoed
+        sent += sent_ms(feed(call, delta("item_a", "resp_a", 100), n * 100) + call.tick(n * 100))
+    assert sent >= (INFLIGHT_MAX + 100) * 100
+    assert len(call._inflight) == INFLIGHT_MAX
 
 
 def test_a_turn_is_timed_once_when_its_first_frame_goes_out_with_the_bots_own_part() -> None:
