@@ -424,13 +424,12 @@ class CallBridge:
                 if self._closing:
                     continue
                 for action in call.on_media(parsed, now):
+                    # Straight out when the writer waits with nothing queued, as it would send
+                    # it (a task switch per frame saved); else queued for it, in order.
                     client = uplink.idle_writer()
-                    if client is not None and client.takes_data_now():
-                        # Straight out, as the writer would (nothing is queued before it and
-                        # the send cannot wait): a task switch per frame saved.
-                        with contextlib.suppress(ConnectionClosed, OSError):
-                            await client.send(action.text)
-                    elif uplink.put(action):
+                    if client is not None and client.try_send(action.text):
+                        continue
+                    if uplink.put(action):
                         self.metrics.uplink_frame_dropped()
             elif isinstance(parsed, ProtocolViolation):
                 self._on_junk(parsed.kind)

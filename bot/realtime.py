@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-from websockets.protocol import State
 
 from bot.realtime_events import MAX_EVENT_CHARS, Ignored, Malformed, ServerEvent, parse_server_event
+from bot.realtime_socket import RealtimeSocket, open_socket
 from bot.settings import Settings
 from bot.tools import Agent
 
@@ -113,7 +111,7 @@ class RealtimeUnavailable(RealtimeError):
 class RealtimeClient:
     """One Realtime session over one WebSocket: send client events, iterate server events."""
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: RealtimeSocket) -> None:
         self._ws = ws
 
     @classmethod
@@ -124,12 +122,11 @@ class RealtimeClient:
         if not settings.openai_api_key:
             raise RealtimeRefused(401, "OPENAI_API_KEY is not set")
         try:
-            ws = await connect(
+            ws = await open_socket(
                 settings.realtime_connect_url,
-                additional_headers={"Authorization": f"Bearer {settings.openai_api_key}"},
+                {"Authorization": f"Bearer {settings.openai_api_key}"},
                 max_size=REALTIME_MAX_MESSAGE_BYTES,
-                open_timeout=open_timeout_s,
-                compression=None,
+                open_timeout_s=open_timeout_s,
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
@@ -139,7 +136,7 @@ class RealtimeClient:
             raise RealtimeRefused(status, detail) from None
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise RealtimeUnavailable(f"{type(exc).__name__}: {exc}") from None
-        _limit_kernel_send_buffer(ws, settings)
+        ws.limit_send_buffer(REALTIME_SEND_BUFFER_BYTES[settings.audio_format])
         client = cls(ws)
         try:
             await client.send(json.dumps(session_update_event(settings, agent)))
@@ -151,25 +148,25 @@ class RealtimeClient:
         """Sends one client event (JSON text). Raises ConnectionClosed once the socket is gone."""
         await self._ws.send(text)
 
-    def takes_data_now(self) -> bool:
-        """Would `send` return without waiting? True while the socket is open (a closing one
-        waits for the close) and nothing is left in its write buffer (one event is far below the
-        high-water mark that makes websockets wait for a drain)."""
-        ws = self._ws
-        return ws.state is State.OPEN and ws.transport.get_write_buffer_size() == 0
+    def try_send(self, text: str) -> bool:
+        """Sends one client event now if nothing is queued before it on the socket and the
+        socket is open; False (nothing sent) otherwise, for the caller to queue it."""
+        return self._ws.try_send(text)
 
     async def events(self) -> AsyncIterator[ServerEvent | Malformed]:
         """Server events, each frame parsed once, until the socket closes (how: `close_code`).
 
         Frames the bot cannot use come out as Malformed, for the caller to count; events it has
         no use for are skipped here."""
-        try:
-            async for message in self._ws:
-                event = parse_server_event(message)
-                if not isinstance(event, Ignored):
-                    yield event
-        except ConnectionClosed:
-            return
+        ws = self._ws
+        while True:
+            try:
+                message = await ws.recv()
+            except ConnectionClosed:
+                return
+            event = parse_server_event(message)
+            if not isinstance(event, Ignored):
+                yield event
 
     @property
     def close_code(self) -> int | None:
@@ -211,10 +208,3 @@ def retry_delay_s(attempt: int, rng: Callable[[], float]) -> float:
     half to all is taken, so calls dropped together do not reconnect together."""
     ceiling: float = min(REALTIME_RETRY_MAX_S, REALTIME_RETRY_BASE_S * 2 ** (attempt - 1))
     return ceiling * (0.5 + rng() / 2)
-
-
-def _limit_kernel_send_buffer(ws: ClientConnection, settings: Settings) -> None:
-    sock = ws.transport.get_extra_info("socket")
-    if sock is not None:
-        size = REALTIME_SEND_BUFFER_BYTES[settings.audio_format]
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)

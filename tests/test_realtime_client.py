@@ -111,12 +111,14 @@ async def test_only_an_open_socket_takes_an_event_without_waiting(sim: RealtimeS
     waits for the close to finish, which must never hold up the phone's side."""
     client = await RealtimeClient.open(settings_for(sim.url), AGENT)
     await first_events(client, 1)
-    assert client.takes_data_now()
+    assert client.try_send(json.dumps({"type": "input_audio_buffer.clear"}))
+    received = sim.sessions[0].events_received
+    await until(lambda: [event["type"] for event in received][-1:] == ["input_audio_buffer.clear"])
     closing = asyncio.create_task(client.close())
     await asyncio.sleep(0)
-    assert not client.takes_data_now()
+    assert not client.try_send(json.dumps({"type": "response.create"}))
     await closing
-    assert not client.takes_data_now()
+    assert not client.try_send(json.dumps({"type": "response.create"}))
 
 
 async def test_a_dropped_socket_ends_the_event_stream_without_raising(sim: RealtimeSimulator) -> None:

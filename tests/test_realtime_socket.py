@@ -1,0 +1,236 @@
+"""The Realtime session's WebSocket, against websockets' own server over real sockets: what it
+must keep of a full client (fragments, pings both ways, flow control, closing, TLS) now that it
+does its own I/O. Each runs on asyncio's own loop and on uvloop, which `serve` uses."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from bot.realtime import RealtimeClient, RealtimeUnavailable
+from bot.realtime_events import Malformed
+from bot.realtime_socket import RealtimeSocket, _tls_context, open_socket
+from bot.settings import Settings
+from bot.tools import Agent, phone_tools
+from bot.words import en
+
+pytestmark = pytest.mark.anyio
+AGENT = Agent("You are the store's phone assistant.", phone_tools(en.WORDS), "marin", "en")
+Handler = Callable[[ServerConnection], Awaitable[None]]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    return ("asyncio", {"use_uvloop": request.param == "uvloop"})
+
+
+@asynccontextmanager
+async def server(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncIterator[str]:
+    async with serve(handler, "127.0.0.1", 0, ssl=tls, max_size=None) as running:
+        port = running.sockets[0].getsockname()[1]
+        yield f"{'wss' if tls else 'ws'}://127.0.0.1:{port}/v1/realtime"
+
+
+async def open_to(url: str, **options: float) -> RealtimeSocket:
+    return await open_socket(url, {}, max_size=1 << 20, open_timeout_s=5, **options)
+
+
+async def idle(ws: ServerConnection) -> None:
+    async for _ in ws:
+        pass
+
+
+async def test_a_fragmented_message_arrives_whole() -> None:
+    async def fragments(ws: ServerConnection) -> None:
+        await ws.send(['{"type": ', '"session.created"', "}"])
+        await idle(ws)
+
+    async with server(fragments) as url:
+        socket = await open_to(url)
+        assert await socket.recv() == '{"type": "session.created"}'
+        await socket.close()
+
+
+async def test_text_that_is_not_utf8_arrives_as_bytes_and_the_session_goes_on() -> None:
+    """A broken text frame is one malformed event for the bridge to count, not a closed call."""
+
+    async def broken_then_good(ws: ServerConnection) -> None:
+        await ws.send(b'{"type": "\xff"}', text=True)
+        await ws.send('{"type": "session.created", "session": {"id": "sess_1"}}')
+        await idle(ws)
+
+    async with server(broken_then_good) as url:
+        socket = await open_to(url)
+        assert await socket.recv() == b'{"type": "\xff"}'
+        client = RealtimeClient(socket)
+        events = client.events()
+        async with asyncio.timeout(5):
+            assert type(await anext(events)).__name__ == "SessionCreated"
+        await client.close()
+
+
+async def test_the_client_turns_a_binary_frame_into_a_malformed_event() -> None:
+    async def binary(ws: ServerConnection) -> None:
+        await ws.send(b"\x00\x01")
+        await idle(ws)
+
+    async with server(binary) as url:
+        client = RealtimeClient(await open_to(url))
+        async with asyncio.timeout(5):
+            event = await anext(client.events())
+        await client.close()
+    assert isinstance(event, Malformed)
+
+
+async def test_the_servers_pings_are_answered() -> None:
+    latencies: list[float] = []
+
+    async def pinging(ws: ServerConnection) -> None:
+        pong = await ws.ping()
+        latencies.append(await asyncio.wait_for(pong, 2))
+        await ws.send("done")
+        await idle(ws)
+
+    async with server(pinging) as url:
+        socket = await open_to(url)
+        async with asyncio.timeout(5):
+            assert await socket.recv() == "done"
+        await socket.close()
+    assert len(latencies) == 1
+
+
+async def test_a_peer_that_answers_pings_stays_open() -> None:
+    async with server(idle) as url:
+        socket = await open_to(url, keepalive_s=0.02)
+        await asyncio.sleep(0.3)
+        assert socket.try_send('{"type": "input_audio_buffer.clear"}')
+        await socket.close()
+    assert socket.close_code == 1000
+
+
+async def test_a_peer_that_stops_answering_pings_is_dropped() -> None:
+    """A vanished peer (its host gone, a NAT that forgot the flow) never answers: the reader
+    then sees the socket end instead of waiting forever for audio."""
+
+    async def deaf(ws: ServerConnection) -> None:
+        ws.transport.pause_reading()
+        await asyncio.sleep(5)
+
+    async with server(deaf) as url:
+        socket = await open_to(url, keepalive_s=0.05, close_timeout_s=0.05)
+        async with asyncio.timeout(2):
+            with pytest.raises(ConnectionClosed):
+                await socket.recv()
+    assert socket.close_code == 1006
+    assert not socket.try_send("{}")
+
+
+async def test_close_waits_for_the_peer_then_gives_up_after_the_close_timeout() -> None:
+    async def never_closing(ws: ServerConnection) -> None:
+        ws.transport.pause_reading()
+        await asyncio.sleep(5)
+
+    async with server(never_closing) as url:
+        socket = await open_to(url, close_timeout_s=0.1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await socket.close()
+        assert 0.1 <= loop.time() - started < 1.0
+
+
+async def test_a_send_waits_while_the_peer_does_not_read_and_resumes_when_it_does() -> None:
+    reading = asyncio.Event()
+
+    async def slow_reader(ws: ServerConnection) -> None:
+        ws.transport.pause_reading()
+        await reading.wait()
+        ws.transport.resume_reading()
+        await idle(ws)
+
+    async with server(slow_reader) as url:
+        socket = await open_to(url)
+        socket.limit_send_buffer(4096)
+        chunk = "x" * 65536
+        blocked = None
+        for _ in range(200):
+            send = asyncio.create_task(socket.send(chunk))
+            await asyncio.sleep(0.01)
+            if not send.done():
+                blocked = send
+                break
+        assert blocked is not None, "200 sends of 64 KB never waited"
+        assert not socket.try_send("{}")
+        reading.set()
+        async with asyncio.timeout(5):
+            await blocked
+        await socket.close()
+    assert socket.close_code == 1000
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (the openssl command line makes it)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command (apt-get install -y openssl)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+def fresh_tls_context() -> Iterator[None]:
+    """The client's TLS context is built once per process from the default CA store: rebuilt
+    around each test that changes which CAs are trusted."""
+    _tls_context.cache_clear()
+    yield
+    _tls_context.cache_clear()
+
+
+def tls_server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.mark.usefixtures("fresh_tls_context")
+async def test_wss_opens_a_session_with_a_certificate_the_system_trusts(
+    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = certificate
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    received: list[str | bytes] = []
+
+    async def first_event(ws: ServerConnection) -> None:
+        received.append(await ws.recv())
+        await idle(ws)
+
+    async with server(first_event, tls_server_context(cert, key)) as url:
+        settings = Settings.model_validate({"OPENAI_API_KEY": "sk-tls", "OPENAI_REALTIME_URL": url})
+        client = await RealtimeClient.open(settings, AGENT)
+        await client.close()
+    assert client.close_code == 1000
+    assert '"session.update"' in str(received[0])
+
+
+@pytest.mark.usefixtures("fresh_tls_context")
+async def test_wss_refuses_a_certificate_nobody_vouches_for(certificate: tuple[Path, Path]) -> None:
+    async with server(idle, tls_server_context(*certificate)) as url:
+        settings = Settings.model_validate({"OPENAI_API_KEY": "sk-tls", "OPENAI_REALTIME_URL": url})
+        with pytest.raises(RealtimeUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            await RealtimeClient.open(settings, AGENT)
