@@ -409,10 +409,11 @@ class CallBridge:
         ws = self.ws
         call = self.call
         uplink = self._uplink
+        clock = self._loop.time
         while True:
             message = await ws.receive()
             # Stamped as received, before any work: a mark counts from when it came back.
-            now = self._now_ms()
+            now = int(clock() * 1000)
             if message["type"] == "websocket.disconnect":
                 self._finish("twilio_closed")
                 return

