@@ -1,6 +1,7 @@
 """The Realtime session's WebSocket, against websockets' own server over real sockets: what it
 must keep of a full client (fragments, pings both ways, flow control, closing, TLS) now that it
-does its own I/O. Each runs on asyncio's own loop and on uvloop, which `serve` uses."""
+does its own I/O (docs/reliability.md rows 10, 11 and 13). Each runs on asyncio's own loop and
+on uvloop, which `serve` uses."""
 
 from __future__ import annotations
 
