@@ -8,7 +8,7 @@ import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidProxy, InvalidStatus
 
 from bot.realtime_events import MAX_EVENT_CHARS, Ignored, Malformed, ServerEvent, parse_server_event
 from bot.realtime_socket import RealtimeSocket, open_socket
@@ -134,7 +134,7 @@ class RealtimeClient:
             if status == 429 or status >= 500:
                 raise RealtimeUnavailable(f"HTTP {status}: {detail}") from None
             raise RealtimeRefused(status, detail) from None
-        except (OSError, TimeoutError, InvalidHandshake) as exc:
+        except (OSError, TimeoutError, InvalidHandshake, InvalidProxy) as exc:
             raise RealtimeUnavailable(f"{type(exc).__name__}: {exc}") from None
         ws.limit_send_buffer(REALTIME_SEND_BUFFER_BYTES[settings.audio_format])
         client = cls(ws)

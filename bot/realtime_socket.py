@@ -17,13 +17,16 @@ import os
 import socket
 import ssl
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import cast
 
 from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidProxy, InvalidProxyMessage
 from websockets.frames import Frame, Opcode
+from websockets.headers import build_authorization_basic, build_host
 from websockets.protocol import State
-from websockets.uri import parse_uri
+from websockets.proxy import Proxy, get_proxy, parse_proxy
+from websockets.uri import WebSocketURI, parse_uri
 
 # As websockets' own client: a ping every 20 s, and a peer that has not answered the last one by
 # the next is gone (a NAT that dropped the flow, a host that vanished) and the socket is closed.
@@ -34,6 +37,8 @@ CLOSE_TIMEOUT_S = 10.0
 # holds the server back), below the low mark it reads again.
 READ_QUEUE_HIGH = 64
 READ_QUEUE_LOW = 16
+# A proxy's answer to CONNECT is a status line and a few headers.
+PROXY_REPLY_MAX_BYTES = 16 * 1024
 
 
 @functools.cache
@@ -53,22 +58,31 @@ async def open_socket(
 ) -> RealtimeSocket:
     """Connects and completes the opening handshake.
 
+    Goes through the proxy the environment names for the URL (HTTPS_PROXY, NO_PROXY, as
+    websockets' own client and httpx do), when it is an http:// one: a CONNECT tunnel.
+
     Raises OSError or TimeoutError when the server cannot be reached in time, InvalidStatus
-    (with the response's status and body) when it refuses the upgrade, and InvalidHandshake
-    when it answers something that is not a WebSocket handshake."""
+    (with the response's status and body) when it refuses the upgrade, InvalidHandshake when it
+    answers something that is not a WebSocket handshake (ProxyError when the proxy refuses the
+    tunnel), and InvalidProxy when the proxy's address cannot be used."""
     uri = parse_uri(url)
     protocol = ClientProtocol(uri, max_size=max_size)
     request = protocol.connect()
     for name, value in headers.items():
         request.headers[name] = value
     loop = asyncio.get_running_loop()
+    proxy = get_proxy(uri)
+
+    def new_socket() -> RealtimeSocket:
+        return RealtimeSocket(protocol, keepalive_s, close_timeout_s)
+
     async with asyncio.timeout(open_timeout_s):
-        _, connection = await loop.create_connection(
-            lambda: RealtimeSocket(protocol, keepalive_s, close_timeout_s),
-            uri.host,
-            uri.port,
-            ssl=_tls_context() if uri.secure else None,
-        )
+        if proxy is None:
+            _, connection = await loop.create_connection(
+                new_socket, uri.host, uri.port, ssl=_tls_context() if uri.secure else None
+            )
+        else:
+            connection = await _open_tunnel(parse_proxy(proxy), uri, new_socket)
         try:
             protocol.send_request(request)
             connection.write_pending()
@@ -77,6 +91,69 @@ async def open_socket(
             connection.abort()
             raise
     return connection
+
+
+async def _open_tunnel(
+    proxy: Proxy, uri: WebSocketURI, new_socket: Callable[[], RealtimeSocket]
+) -> RealtimeSocket:
+    """A TCP connection to the proxy, a CONNECT to the Realtime host, then TLS inside it."""
+    if proxy.scheme != "http":
+        raise InvalidProxy(f"{proxy.scheme}://{proxy.host}", "only http:// proxies are supported")
+    target = build_host(uri.host, uri.port, uri.secure, always_include_port=True)
+    lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+    if proxy.user_info is not None:
+        lines.append(f"Proxy-Authorization: {build_authorization_basic(*proxy.user_info)}")
+    loop = asyncio.get_running_loop()
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    transport, tunnel = await loop.create_connection(lambda: _Tunnel(request), proxy.host, proxy.port)
+    try:
+        await tunnel.established
+        connection = new_socket()
+        if uri.secure:
+            tls = await loop.start_tls(transport, connection, _tls_context(), server_hostname=uri.host)
+            assert tls is not None, "the loop gave no transport for TLS"
+            transport = tls
+        else:
+            transport.set_protocol(connection)
+        connection.connection_made(transport)
+    except BaseException:
+        transport.abort()
+        raise
+    return connection
+
+
+class _Tunnel(asyncio.Protocol):
+    """Asks a proxy for a tunnel and waits for its yes (any 2xx) or no."""
+
+    def __init__(self, request: bytes) -> None:
+        self._request = request
+        self._reply = b""
+        self.established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).write(self._request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.established.done():
+            return
+        self._reply += data
+        head, end, _ = self._reply.partition(b"\r\n\r\n")
+        if not end:
+            if len(self._reply) > PROXY_REPLY_MAX_BYTES:
+                self.established.set_exception(InvalidProxyMessage("the proxy's answer never ended"))
+            return
+        status = head.split(b"\r\n", 1)[0].decode("latin-1")
+        code = status.split(" ", 2)[1] if status.count(" ") else ""
+        if code.isascii() and code.isdigit() and 200 <= int(code) < 300:
+            self.established.set_result(None)
+        else:
+            self.established.set_exception(
+                InvalidProxyMessage(f"the proxy refused the tunnel: {status[:80]}")
+            )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.established.done():
+            self.established.set_exception(exc or ConnectionResetError("the proxy closed the connection"))
 
 
 class RealtimeSocket(asyncio.Protocol):

@@ -237,3 +237,90 @@ async def test_wss_refuses_a_certificate_nobody_vouches_for(certificate: tuple[P
         settings = Settings.model_validate({"OPENAI_API_KEY": "sk-tls", "OPENAI_REALTIME_URL": url})
         with pytest.raises(RealtimeUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
             await RealtimeClient.open(settings, AGENT)
+
+
+@asynccontextmanager
+async def connect_proxy(refusal: bytes | None = None) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """An HTTP proxy that opens the tunnel CONNECT asks for and pipes bytes both ways (or
+    answers `refusal` and hangs up); yields its URL and the CONNECT requests it got."""
+    requests: list[bytes] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        requests.append(head)
+        if refusal is not None:
+            writer.write(refusal)
+            writer.close()
+            return
+        host, port = head.split(b" ")[1].decode().rsplit(":", 1)
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await asyncio.gather(
+            pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True
+        )
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with proxy:
+        yield f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}", requests
+
+
+def use_proxy(monkeypatch: pytest.MonkeyPatch, scheme: str, url: str) -> None:
+    """Names `url` as the proxy for `scheme` URLs, as an operator's environment would."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv(f"{scheme.upper()}_PROXY", url)
+
+
+async def test_the_socket_goes_through_the_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def greet(ws: ServerConnection) -> None:
+        await ws.send("hello through the tunnel")
+        await idle(ws)
+
+    async with server(greet) as url, connect_proxy() as (proxy_url, requests):
+        use_proxy(monkeypatch, "http", proxy_url.replace("http://", "http://store:s3cret@"))
+        socket = await open_to(url)
+        async with asyncio.timeout(5):
+            assert await socket.recv() == "hello through the tunnel"
+        await socket.close()
+    [request] = requests
+    port = url.split(":")[2].split("/")[0]
+    assert request.startswith(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n".encode())
+    assert b"Proxy-Authorization: Basic c3RvcmU6czNjcmV0\r\n" in request
+
+
+async def test_a_proxy_that_refuses_the_tunnel_leaves_the_session_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    refusal = b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n"
+    async with server(idle) as url, connect_proxy(refusal) as (proxy_url, _):
+        use_proxy(monkeypatch, "http", proxy_url)
+        settings = Settings.model_validate({"OPENAI_API_KEY": "sk-proxy", "OPENAI_REALTIME_URL": url})
+        with pytest.raises(RealtimeUnavailable, match="407 Proxy Authentication Required"):
+            await RealtimeClient.open(settings, AGENT)
+
+
+@pytest.mark.usefixtures("fresh_tls_context")
+async def test_wss_goes_through_the_https_proxy_with_tls_inside_the_tunnel(
+    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenAI behind a corporate proxy: CONNECT, then the certificate checked end to end."""
+    cert, key = certificate
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    async with server(idle, tls_server_context(cert, key)) as url, connect_proxy() as (proxy_url, requests):
+        use_proxy(monkeypatch, "https", proxy_url)
+        settings = Settings.model_validate({"OPENAI_API_KEY": "sk-proxy", "OPENAI_REALTIME_URL": url})
+        client = await RealtimeClient.open(settings, AGENT)
+        await client.close()
+    assert client.close_code == 1000
+    assert len(requests) == 1
