@@ -43,6 +43,10 @@ async def server(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncIt
         yield f"{'wss' if tls else 'ws'}://127.0.0.1:{port}/v1/realtime"
 
 
+def settings_for(url: str) -> Settings:
+    return Settings.model_validate({"OPENAI_API_KEY": "sk-socket-tests", "OPENAI_REALTIME_URL": url})
+
+
 async def open_to(url: str, **options: float) -> RealtimeSocket:
     return await open_socket(url, {}, max_size=1 << 20, open_timeout_s=5, **options)
 
@@ -197,11 +201,12 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def fresh_tls_context() -> Iterator[None]:
-    """The client's TLS context is built once per process from the default CA store: rebuilt
-    around each test that changes which CAs are trusted."""
+def trusted(certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
+    """The certificate, trusted as the system's CA store (SSL_CERT_FILE). The client's TLS context
+    is built once per process from that store: rebuilt around the test."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
     _tls_context.cache_clear()
-    yield
+    yield certificate
     _tls_context.cache_clear()
 
 
@@ -211,30 +216,24 @@ def tls_server_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-@pytest.mark.usefixtures("fresh_tls_context")
-async def test_wss_opens_a_session_with_a_certificate_the_system_trusts(
-    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cert, key = certificate
-    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+async def test_wss_opens_a_session_with_a_certificate_the_system_trusts(trusted: tuple[Path, Path]) -> None:
     received: list[str | bytes] = []
 
     async def first_event(ws: ServerConnection) -> None:
         received.append(await ws.recv())
         await idle(ws)
 
-    async with server(first_event, tls_server_context(cert, key)) as url:
-        settings = Settings.model_validate({"OPENAI_API_KEY": "sk-tls", "OPENAI_REALTIME_URL": url})
+    async with server(first_event, tls_server_context(*trusted)) as url:
+        settings = settings_for(url)
         client = await RealtimeClient.open(settings, AGENT)
         await client.close()
     assert client.close_code == 1000
     assert '"session.update"' in str(received[0])
 
 
-@pytest.mark.usefixtures("fresh_tls_context")
 async def test_wss_refuses_a_certificate_nobody_vouches_for(certificate: tuple[Path, Path]) -> None:
     async with server(idle, tls_server_context(*certificate)) as url:
-        settings = Settings.model_validate({"OPENAI_API_KEY": "sk-tls", "OPENAI_REALTIME_URL": url})
+        settings = settings_for(url)
         with pytest.raises(RealtimeUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
             await RealtimeClient.open(settings, AGENT)
 
@@ -305,21 +304,18 @@ async def test_a_proxy_that_refuses_the_tunnel_leaves_the_session_unavailable(
     refusal = b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n"
     async with server(idle) as url, connect_proxy(refusal) as (proxy_url, _):
         use_proxy(monkeypatch, "http", proxy_url)
-        settings = Settings.model_validate({"OPENAI_API_KEY": "sk-proxy", "OPENAI_REALTIME_URL": url})
+        settings = settings_for(url)
         with pytest.raises(RealtimeUnavailable, match="407 Proxy Authentication Required"):
             await RealtimeClient.open(settings, AGENT)
 
 
-@pytest.mark.usefixtures("fresh_tls_context")
 async def test_wss_goes_through_the_https_proxy_with_tls_inside_the_tunnel(
-    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    trusted: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """OpenAI behind a corporate proxy: CONNECT, then the certificate checked end to end."""
-    cert, key = certificate
-    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-    async with server(idle, tls_server_context(cert, key)) as url, connect_proxy() as (proxy_url, requests):
+    async with server(idle, tls_server_context(*trusted)) as url, connect_proxy() as (proxy_url, requests):
         use_proxy(monkeypatch, "https", proxy_url)
-        settings = Settings.model_validate({"OPENAI_API_KEY": "sk-proxy", "OPENAI_REALTIME_URL": url})
+        settings = settings_for(url)
         client = await RealtimeClient.open(settings, AGENT)
         await client.close()
     assert client.close_code == 1000
