@@ -187,7 +187,7 @@ class RealtimeSocket(asyncio.Protocol):
         if self._protocol.state is not State.OPEN or transport is None or transport.get_write_buffer_size():
             return False
         self._protocol.send_text(text.encode())
-        transport.writelines(self._protocol.data_to_send())
+        self.write_pending()
         return True
 
     async def send(self, text: str) -> None:
