@@ -80,6 +80,7 @@ async def test_a_scripted_call_from_greeting_to_hang_up(tmp_path: Path, audio_fo
         active_after, ended = len(bridge.active_calls), ended_calls(stack)
         realtime_open_after = stack.realtime.open_connections
         call.write_heard_wav(tmp_path / "heard.wav")
+        played = call.played
         session = stack.realtime.sessions[0]
 
     assert greeting_ms > 1000
@@ -93,7 +94,10 @@ async def test_a_scripted_call_from_greeting_to_hang_up(tmp_path: Path, audio_fo
     assert realtime_open_after == 0
     heard = read_wav(tmp_path / "heard.wav")
     assert (heard.rate_hz, heard.encoding) == (8000, "mulaw")
-    samples = as_float(ulaw_to_pcm16(heard.data))
+    assert len(heard.data.replace(b"\xff", b"")) <= len(played) <= len(heard.data)
+    # The waveform as played back to back: a scheduling gap on a loaded test machine (the phone
+    # waiting on the next chunk) is silence in `heard`, not a flaw in the audio.
+    samples = as_float(ulaw_to_pcm16(played))
     loud = np.flatnonzero(np.abs(samples) > 500)
     greeting = samples[loud[0] : loud[0] + 4000]
     assert best_correlation(greeting, bot_voice_at_8khz()[:16000]) > SPEECH_CORRELATION_MIN

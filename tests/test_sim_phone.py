@@ -366,6 +366,23 @@ async def test_heard_wav_holds_what_was_played_on_the_phone_timeline(
 
 
 @pytest.mark.anyio
+async def test_played_is_the_audio_back_to_back_where_heard_keeps_the_gap_between(
+    standin: StandIn,
+) -> None:
+    async with call_to(standin) as call:
+        await standin.started()
+        await standin.send_media(TONE * 400)
+        await call.wait_for_audio(timeout=2, min_ms=50)
+        await call.wait_until_quiet(quiet_ms=100, timeout=2)
+        await standin.send_media(TONE * 400)
+        await call.wait_for_audio(timeout=2, min_ms=100)
+        await call.wait_until_quiet(quiet_ms=50, timeout=2)
+    heard = call.heard.strip(SILENCE)
+    assert call.played == TONE * 800
+    assert heard.startswith(TONE * 400 + SILENCE) and heard.endswith(SILENCE + TONE * 400)
+
+
+@pytest.mark.anyio
 async def test_dtmf_and_stop_are_sent_and_hanging_up_twice_is_harmless(
     standin: StandIn,
 ) -> None:

@@ -517,6 +517,13 @@ class PhoneCall:
             out[start : start + len(audio)] = audio[: end - start]
         return bytes(out)
 
+    @property
+    def played(self) -> bytes:
+        """The bot's audio as the phone played it, back to back: `heard` without the silence of
+        any stretch where the phone had nothing to play (cleared audio not included)."""
+        end = self._end_sample if self._end_sample is not None else self._now_sample()
+        return b"".join(audio[: end - start] for start, audio in self._played if start < end)
+
     def write_heard_wav(self, path: Path | str) -> None:
         write_wav(path, Wav(self.heard, TWILIO_RATE_HZ, "mulaw"))
 
