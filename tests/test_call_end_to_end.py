@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bot.audio import OutboundTranscoder, ulaw_to_pcm16
+from bot.audio import MULAW_SILENCE_BYTE, OutboundTranscoder, ulaw_to_pcm16
 from bot.settings import PACKAGE_DIR
 from bot.sim.realtime import DEFAULT_SPEECH_WAV, Scenario, ToolCall, Turn
 from bot.sim.stack import SimStack
@@ -94,7 +94,7 @@ async def test_a_scripted_call_from_greeting_to_hang_up(tmp_path: Path, audio_fo
     assert realtime_open_after == 0
     heard = read_wav(tmp_path / "heard.wav")
     assert (heard.rate_hz, heard.encoding) == (8000, "mulaw")
-    assert len(heard.data.replace(b"\xff", b"")) <= len(played) <= len(heard.data)
+    assert len(heard.data.replace(bytes([MULAW_SILENCE_BYTE]), b"")) <= len(played) <= len(heard.data)
     # The waveform as played back to back: a scheduling gap on a loaded test machine (the phone
     # waiting on the next chunk) is silence in `heard`, not a flaw in the audio.
     samples = as_float(ulaw_to_pcm16(played))
