@@ -7,6 +7,12 @@ against 17-22 us per send, and 18-20% of the app's CPU under the peer benchmark'
 connection keeps the same library's protocol (handshake, masking, size limit, ping and pong, the
 closing handshake) and does the I/O itself: a send frames and writes at once, and waits only while
 the transport has asked it to (its buffer over the high-water mark).
+
+Text frames, the only data this socket sends, are framed here rather than by the protocol: its
+general framer (a Frame object, checks, a BytesIO, a getrandom call for each 4-byte mask) costs
+4.7 us a message against 0.9 us for a header, a mask and the library's own C masking. Masks come
+from the same CSPRNG (os.urandom), read a page at a time. Control frames (ping, pong, close) stay
+with the protocol, which keeps the connection's state.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import functools
 import os
 import socket
 import ssl
+import struct
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import cast
+from typing import NoReturn, cast
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidProxy, InvalidProxyMessage
@@ -27,6 +34,11 @@ from websockets.headers import build_authorization_basic, build_host
 from websockets.protocol import State
 from websockets.proxy import Proxy, get_proxy, parse_proxy
 from websockets.uri import WebSocketURI, parse_uri
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # a build without the C extension: the library's own fallback
+    from websockets.utils import apply_mask
 
 # As websockets' own client: a ping every 20 s, and a peer that has not answered the last one by
 # the next is gone (a NAT that dropped the flow, a host that vanished) and the socket is closed.
@@ -39,6 +51,15 @@ READ_QUEUE_HIGH = 64
 READ_QUEUE_LOW = 16
 # A proxy's answer to CONNECT is a status line and a few headers.
 PROXY_REPLY_MAX_BYTES = 16 * 1024
+# Masking keys drawn from the OS at once: 1024 frames' worth, 20 s of one call's up-link.
+MASK_POOL_BYTES = 4096
+# FIN and the text opcode; then the mask bit with the length or its marker (RFC 6455, 5.2).
+_TEXT_FIN = 0x81
+_MASKED = 0x80
+_LENGTH_16 = 126
+_LENGTH_64 = 127
+_HEAD_16 = struct.Struct("!BBH")
+_HEAD_64 = struct.Struct("!BBQ")
 
 
 @functools.cache
@@ -186,18 +207,17 @@ class RealtimeSocket(asyncio.Protocol):
         transport = self._transport
         if self._protocol.state is not State.OPEN or transport is None or transport.get_write_buffer_size():
             return False
-        self._protocol.send_text(text.encode())
-        self.write_pending()
+        transport.write(_masked_text_frame(text.encode()))
         return True
 
     async def send(self, text: str) -> None:
         """Sends one text message, waiting while the transport's buffer is over its high mark.
 
         Raises ConnectionClosed once the socket is closing or closed."""
-        if self._protocol.state is not State.OPEN:
+        transport = self._transport
+        if self._protocol.state is not State.OPEN or transport is None:
             await self._raise_closed()
-        self._protocol.send_text(text.encode())
-        self.write_pending()
+        transport.write(_masked_text_frame(text.encode()))
         while self._writing_paused and not self._closed.done():
             if self._drained is None:
                 self._drained = self._loop.create_future()
@@ -371,10 +391,42 @@ class RealtimeSocket(asyncio.Protocol):
         if self._close_timer is None and self._transport is not None:
             self._close_timer = self._loop.call_later(self._close_timeout_s, self._transport.abort)
 
-    async def _raise_closed(self) -> None:
+    async def _raise_closed(self) -> NoReturn:
         """Raises ConnectionClosed with the close codes, once they are known."""
         await asyncio.shield(self._closed)
         raise self._protocol.close_exc
+
+
+class _MaskKeys:
+    """Client masking keys (RFC 6455, 5.3: unpredictable, from a strong source of entropy)."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def take(self) -> bytes:
+        at = self._at
+        if at == len(self._pool):
+            self._pool = os.urandom(MASK_POOL_BYTES)
+            at = 0
+        self._at = at + 4
+        return self._pool[at : at + 4]
+
+
+_mask_keys = _MaskKeys()
+
+
+def _masked_text_frame(payload: bytes) -> bytes:
+    """One unfragmented text frame as a client sends it."""
+    length = len(payload)
+    if length < _LENGTH_16:
+        head = bytes((_TEXT_FIN, _MASKED | length))
+    elif length < 1 << 16:
+        head = _HEAD_16.pack(_TEXT_FIN, _MASKED | _LENGTH_16, length)
+    else:
+        head = _HEAD_64.pack(_TEXT_FIN, _MASKED | _LENGTH_64, length)
+    mask = _mask_keys.take()
+    return head + mask + apply_mask(payload, mask)
 
 
 def _settle(future: asyncio.Future[None] | None) -> None:

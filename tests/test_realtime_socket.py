@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.utils import accept_key, apply_mask
 
 from bot.realtime import RealtimeClient, RealtimeUnavailable
 from bot.realtime_events import Malformed
@@ -182,6 +183,63 @@ async def test_a_send_waits_while_the_peer_does_not_read_and_resumes_when_it_doe
             await blocked
         await socket.close()
     assert socket.close_code == 1000
+
+
+async def test_messages_of_every_frame_length_arrive_intact_through_send_and_try_send() -> None:
+    """7-bit, 16-bit and 64-bit lengths at their edges; websockets' server also checks the masking."""
+    received: list[str] = []
+
+    async def collect(ws: ServerConnection) -> None:
+        async for message in ws:
+            received.append(str(message))
+
+    sizes = [0, 1, 125, 126, 127, 65535, 65536, 70001]
+    async with server(collect) as url:
+        socket = await open_to(url)
+        for size in sizes:
+            assert socket.try_send("a" * size)
+            await socket.send("é" * size)
+        await socket.close()
+    assert [len(message) for message in received] == [size for size in sizes for _ in range(2)]
+    assert received[-1] == "é" * sizes[-1]
+
+
+async def test_every_frame_carries_its_own_mask_key_across_refills_of_the_key_pool() -> None:
+    """RFC 6455 5.3: an unpredictable key per frame, here 3,000 frames (three draws from the OS)."""
+    frames: list[tuple[bytes, bytes]] = []
+    done = asyncio.Event()
+
+    async def raw_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip().decode()
+            for line in request.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n".encode()
+        )
+        while len(frames) < 3000:
+            head = await reader.readexactly(2)
+            assert head[0] == 0x81 and head[1] & 0x80, "a masked, final text frame"
+            mask = await reader.readexactly(4)
+            frames.append((mask, apply_mask(await reader.readexactly(head[1] & 0x7F), mask)))
+        done.set()
+        writer.close()
+
+    listener = await asyncio.start_server(raw_server, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    async with listener:
+        socket = await open_to(f"ws://127.0.0.1:{port}/v1/realtime")
+        for n in range(3000):
+            await socket.send(f"{n:04}")
+        async with asyncio.timeout(5):
+            await done.wait()
+        socket.abort()
+    assert [payload for _, payload in frames] == [f"{n:04}".encode() for n in range(3000)]
+    # Three collisions among 3,000 random 32-bit keys: under one chance in a billion.
+    assert len({mask for mask, _ in frames}) >= 2997
 
 
 @pytest.fixture
