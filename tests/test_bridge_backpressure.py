@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from bot.settings import PACKAGE_DIR
 from bot.sim.phone import FRAME_BYTES, PhoneCall
@@ -41,6 +43,8 @@ APP_SNDBUF_BYTES = 8192
 PHONE_RCVBUF_BYTES = 32768
 LONG_REPLY_MS = 60_000
 STUCK_CALL_END_S = 25
+# Messages the bridge queues while the phone's socket holds writes: two 100 ms chunks and their marks.
+HELD_MESSAGES = 4
 
 
 async def _probe_loop_lag(samples: list[float], stop: asyncio.Event) -> None:
@@ -132,3 +136,48 @@ async def test_a_phone_that_stops_reading_is_closed_by_the_app_with_the_down_lin
         # Nothing of the close frame got through; the socket closes once its buffer drains.
         await phone.wait_closed(STUCK_CALL_END_S)
         assert phone.closed_by_app
+
+
+async def test_messages_held_while_the_phone_socket_pauses_writing_arrive_once_each_and_in_order() -> None:
+    """The bridge sends from the task that has a message while its writer idles; while uvicorn's
+    transport has paused writing (over its high-water mark) such a send would wait, so it is
+    queued for the writer instead: neither sent twice, nor lost, nor overtaken."""
+    async with SimStack(Scenario(greeting=LONG_GREETING, turns=[])) as stack:
+        deps = stack.runtime.bridge
+        assert deps is not None and stack._server is not None
+        phone = await stack.dial()
+        await phone.wait_for_audio(5)
+        bridge = deps.active_calls[phone.call_sid]
+        (socket_protocol,) = [
+            connection
+            for connection in stack._server._server.server_state.connections
+            if isinstance(connection, WebSocketsSansIOProtocol)
+        ]
+
+        socket_protocol.pause_writing()  # what its transport calls past the high-water mark
+        await _until(lambda: len(bridge._down) >= HELD_MESSAGES)
+        marks_before = _marks(phone)
+        socket_protocol.resume_writing()
+        await _until(lambda: not bridge._down and len(_marks(phone)) >= len(marks_before) + 2 * HELD_MESSAGES)
+        await phone.hang_up()
+
+    received_ms = 0
+    marks = 0
+    for event in phone.events:
+        if event.direction == "in" and event.kind == "media":
+            received_ms += int(event.detail) // 8
+        elif event.direction == "in" and event.kind == "mark":
+            _, end_ms, _ = event.detail.split(":", 2)
+            assert int(end_ms) == received_ms, f"mark {event.detail} after {received_ms} ms of audio"
+            marks += 1
+    assert marks >= len(marks_before) + 2 * HELD_MESSAGES
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(5):
+        while not condition():  # noqa: ASYNC110 (the bridge's queue has no event to wait on)
+            await asyncio.sleep(0.01)
+
+
+def _marks(call: PhoneCall) -> list[str]:
+    return [event.detail for event in call.events if event.direction == "in" and event.kind == "mark"]
