@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -135,6 +136,16 @@ def test_20ms_frames_equal_one_shot_conversion() -> None:
     assert chunked(InboundTranscoder(), ulaw, [160] * 50) == up(ulaw)
     pcm = pcm_bytes(speech_like)
     assert chunked(OutboundTranscoder(), pcm, [960] * 50) == down(pcm)
+
+
+@pytest.mark.parametrize("level", [3000, 30000], ids=["speech", "clipping"])
+def test_model_deltas_of_whole_20ms_blocks_equal_one_shot_conversion(level: int) -> None:
+    """A 100 ms model delta is five blocks converted in one stacked product: the same samples,
+    after a start, between odd chunks and through the saturating path alike."""
+    pcm = pcm_bytes(np.random.default_rng(3).normal(0, level, 24000))
+    sizes = [4800, 960, 4800, 4800, 1920, 1, 959, 4800, 9600, 5000, 4800]
+    assert chunked(OutboundTranscoder(), pcm, sizes) == down(pcm)
+    assert chunked(Downsampler(), pcm, sizes) == down(pcm, Downsampler())
 
 
 def test_empty_chunks_change_nothing() -> None:
