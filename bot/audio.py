@@ -268,9 +268,9 @@ class Downsampler:
     def convert(self, pcm: bytes) -> bytes:
         """Returns one output sample per 3 input samples, less the 1.9 ms held back.
 
-        A chunk longer than 20 ms (a model delta is about 100 ms) is taken 20 ms at a time, which
-        changes no sample: the buffer stays one block long for the whole call, and a steady
-        stream stays on the fast path."""
+        On a steady stream a chunk of whole 20 ms blocks (a model delta is five) is one stacked
+        product; any other chunk longer than 20 ms is taken 20 ms at a time. Neither changes a
+        sample, and both keep a steady stream on the fast paths."""
         if self._steady and len(pcm) == _DOWN_BLOCK_BYTES:
             # The next whole block, with the buffer just refilled to its start: the 20 ms
             # frames of a steady stream (blocks are laid out so that these line up).

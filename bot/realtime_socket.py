@@ -4,8 +4,8 @@ Every caller frame becomes one `input_audio_buffer.append`, fifty sends a second
 bridge's most frequent act. websockets' asyncio connection wraps each send in an async context
 manager and a drain check; framing the message and writing it is a third of that cost (about 6 us
 against 17-22 us per send, and 18-20% of the app's CPU under the peer benchmark's load). So this
-connection keeps the same library's protocol (handshake, masking, size limit, ping and pong, the
-closing handshake) and does the I/O itself: a send frames and writes at once, and waits only while
+connection keeps the same library's protocol (handshake, size limit, ping and pong, the closing
+handshake) and does the I/O itself: a send frames and writes at once, and waits only while
 the transport has asked it to (its buffer over the high-water mark).
 
 Text frames, the only data this socket sends, are framed here rather than by the protocol: its
@@ -401,6 +401,10 @@ class _MaskKeys:
     """Client masking keys (RFC 6455, 5.3: unpredictable, from a strong source of entropy)."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets the keys drawn: a forked child must not reuse its parent's."""
         self._pool = b""
         self._at = 0
 
@@ -414,6 +418,7 @@ class _MaskKeys:
 
 
 _mask_keys = _MaskKeys()
+os.register_at_fork(after_in_child=_mask_keys.reset)
 
 
 def _masked_text_frame(payload: bytes) -> bytes:

@@ -6,6 +6,7 @@ on uvloop, which `serve` uses."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import ssl
 import subprocess
@@ -22,7 +23,7 @@ from websockets.utils import accept_key, apply_mask
 
 from bot.realtime import RealtimeClient, RealtimeUnavailable
 from bot.realtime_events import Malformed
-from bot.realtime_socket import RealtimeSocket, _tls_context, open_socket
+from bot.realtime_socket import RealtimeSocket, _mask_keys, _tls_context, open_socket
 from bot.settings import Settings
 from bot.tools import Agent, phone_tools
 from bot.words import en
@@ -240,6 +241,18 @@ async def test_every_frame_carries_its_own_mask_key_across_refills_of_the_key_po
     assert [payload for _, payload in frames] == [f"{n:04}".encode() for n in range(3000)]
     # Three collisions among 3,000 random 32-bit keys: under one chance in a billion.
     assert len({mask for mask, _ in frames}) >= 2997
+
+
+def test_a_forked_child_draws_mask_keys_of_its_own() -> None:
+    """Keys the parent drew but had not used would otherwise be the child's next ones too."""
+    _mask_keys.take()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(write_end, _mask_keys.take())
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert os.read(read_end, 4) != _mask_keys.take()
 
 
 @pytest.fixture
