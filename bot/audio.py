@@ -291,22 +291,19 @@ class Downsampler:
 
     def _convert_blocks(self, pcm: bytes) -> bytes:
         """Whole blocks of a steady stream (a 100 ms model delta is five) in one call: a stack of
-        the same (rows, taps) products the single-block path makes, so every sample is the same."""
-        end = _DOWN_START_BYTES + len(pcm)
-        if end > len(self._buffer):
-            self._grow(end)
-        buffer = self._buffer
-        buffer[_DOWN_START_BYTES:end] = pcm
+        the same (rows, taps) products the single-block path makes, so every sample is the same.
+        The inputs go in a buffer of their own, freed after: a call keeps one block's worth."""
+        inputs = self._buffer[:_DOWN_START_BYTES] + pcm
         windows: npt.NDArray[np.int16] = np.ndarray(
             (len(pcm) // _DOWN_BLOCK_BYTES, _BLOCK_ROWS, _DOWN_WINDOW),
             "<i2",
-            buffer,
+            inputs,
             0,
             (_DOWN_BLOCK_BYTES, 6 * _ROW_SAMPLES, 2),
         )
         filtered: npt.NDArray[np.float32] = np.matmul(windows, _DOWN_MATRIX)
-        loud = _peak(self._view[:end], 2) > _DOWN_SAFE_PEAK
-        buffer[:_DOWN_START_BYTES] = buffer[end - _DOWN_START_BYTES : end]
+        loud = _peak(inputs, 2) > _DOWN_SAFE_PEAK
+        self._buffer[:_DOWN_START_BYTES] = inputs[-_DOWN_START_BYTES:]
         return self._encode(_to_int16(filtered, loud))
 
     def _convert_any(self, pcm: bytes) -> bytes:
