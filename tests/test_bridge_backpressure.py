@@ -17,7 +17,7 @@ import pytest
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from bot.settings import PACKAGE_DIR
-from bot.sim.phone import FRAME_BYTES, PhoneCall
+from bot.sim.phone import BYTES_PER_MS, FRAME_BYTES, PhoneCall
 from bot.sim.realtime import Scenario, Turn
 from bot.sim.stack import SimStack
 from bot.wav import read_wav
@@ -165,7 +165,7 @@ async def test_messages_held_while_the_phone_socket_pauses_writing_arrive_once_e
     marks = 0
     for event in phone.events:
         if event.direction == "in" and event.kind == "media":
-            received_ms += int(event.detail) // 8
+            received_ms += int(event.detail) // BYTES_PER_MS
         elif event.direction == "in" and event.kind == "mark":
             _, end_ms, _ = event.detail.split(":", 2)
             assert int(end_ms) == received_ms, f"mark {event.detail} after {received_ms} ms of audio"

@@ -252,7 +252,10 @@ def test_a_forked_child_draws_mask_keys_of_its_own() -> None:
         os.write(write_end, _mask_keys.take())
         os._exit(0)
     os.waitpid(child, 0)
-    assert os.read(read_end, 4) != _mask_keys.take()
+    childs_key = os.read(read_end, 4)
+    os.close(read_end)
+    os.close(write_end)
+    assert childs_key != _mask_keys.take()
 
 
 @pytest.fixture
