@@ -77,6 +77,9 @@ JUNK_LIMIT_PER_S = 25
 UPLINK_MAX_AUDIO_MS = 2000
 # Media and mark messages, about 10 s of paced audio: more means Twilio stopped reading.
 DOWNLINK_MAX_MESSAGES = 1000
+# What a send to the phone raises once its socket is gone: closed by Twilio (WebSocketDisconnect),
+# already closed by us (Starlette's RuntimeError), or reset under the transport (OSError).
+TWILIO_SEND_FAILED = (WebSocketDisconnect, RuntimeError, OSError)
 RECONNECT_ATTEMPTS = 2
 MAX_RECONNECTS_PER_CALL = 5
 ROTATION_RETRY_S = 30.0
@@ -470,7 +473,7 @@ class CallBridge:
                     self._down_idle = False
             try:
                 await ws.send_text(down.popleft())
-            except (WebSocketDisconnect, RuntimeError, OSError):
+            except TWILIO_SEND_FAILED:
                 self._finish("twilio_closed")
                 return
 
@@ -499,7 +502,7 @@ class CallBridge:
             sending.send(None)
         except StopIteration:
             return True
-        except (WebSocketDisconnect, RuntimeError, OSError):
+        except TWILIO_SEND_FAILED:
             self._finish("twilio_closed")
             return True
         sending.close()
@@ -883,6 +886,6 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
         return
     # A peer that stopped reading never takes the close frame: give up on it rather than
     # leave the call (its record, its slot in active_calls) hanging forever.
-    with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect, TimeoutError):
+    with contextlib.suppress(*TWILIO_SEND_FAILED, TimeoutError):
         async with asyncio.timeout(CLOSE_TIMEOUT_S):
             await websocket.close(code, reason)
