@@ -17,7 +17,9 @@ How a `response.create` (or the VAD's automatic response) picks what to say, per
    moment" line quotes what to say), and its items are never added to the conversation;
 1. after a tool-call response, the pending turn's `say`, with `{field}` filled from the JSON
    tool outputs received since (a tool call's string arguments may likewise be a whole
-   `{path}` into them, such as `{products.0.sku}`, to act on what an earlier tool found);
+   `{path}` into them, such as `{products.0.sku}`, to act on what an earlier tool found),
+   unless a user item arrived since: as a model does, it answers the newest question instead
+   and the pending `say` is dropped;
 2. else, when a user item (audio commit or text) arrived since the last response, the next turn
    (or `fallback_say` once the turns run out); its tool calls go first, in a response of their own;
 3. else, before the caller has said anything, the greeting; otherwise `fallback_say`.
@@ -248,9 +250,9 @@ class _Script:
         return turns[self._next_turn].hears if self._next_turn < len(turns) else None
 
     def plan(self, *, user_spoke: bool, fields: Mapping[str, Any], tools: set[str]) -> _Plan:
-        if self._pending is not None:
-            turn, self._pending = self._pending, None
-            return _Plan(_fill(turn.say, fields), [], turn.audio_ms)
+        pending, self._pending = self._pending, None
+        if pending is not None and not user_spoke:
+            return _Plan(_fill(pending.say, fields), [], pending.audio_ms)
         if user_spoke:
             self._greeted = True
             turns = self._scenario.turns
