@@ -263,6 +263,52 @@ async def test_query_with_response_resolves_with_the_products_or_rejects_after_i
         await page.screenshot(path=tmp_path / "query-with-response.png")
 
 
+async def test_a_question_typed_while_a_tool_still_runs_goes_after_its_output_and_one_response_answers(
+    assistant: Assistant,
+) -> None:
+    held: list[str] = []
+    released = asyncio.Event()
+
+    async def hold_the_first_search(route: Any) -> None:
+        if not held:
+            held.append(route.request.url)
+            await released.wait()
+        await route.continue_()
+
+    async with open_page(assistant) as page:
+        await page.route("**/assistant/tools/search_products*", hold_the_first_search)
+        washers = await page.evaluate(f"async () => {SERVICE}.queryWithResponse('Show me washing machines')")
+        assert [p["sku"] for p in washers["JsonData"]["products"]] == WASHER_SKUS
+        assert held, "the washers' search is still running"
+        dryers = asyncio.ensure_future(
+            page.evaluate(f"async () => {SERVICE}.queryWithResponse('And dryers?')")
+        )
+        await playwright_api.expect(page.locator(".message.user").last).to_contain_text("And dryers?")
+        released.set()
+        products = (await dryers)["JsonData"]["products"]
+        assert [p["sku"] for p in products] == DRYER_SKUS
+        await playwright_api.expect(page.locator(".message.assistant").last).to_contain_text(
+            "put them on your screen"
+        )
+
+    sent = assistant.sim.sessions[-1].events_received
+
+    def question(text: str) -> int:
+        return next(
+            i
+            for i, event in enumerate(sent)
+            if event.get("item", {}).get("content") == [{"type": "input_text", "text": text}]
+        )
+
+    first, second = question("Show me washing machines"), question("And dryers?")
+    outputs = [
+        i for i, event in enumerate(sent) if event.get("item", {}).get("type") == "function_call_output"
+    ]
+    creates = [i for i, event in enumerate(sent) if event["type"] == "response.create"]
+    assert len(outputs) >= 2 and max(outputs[:2]) < second, "the washers' tool outputs go first"
+    assert len([i for i in creates if first < i < second]) == 1, "no response asked before the question"
+
+
 async def test_typing_over_the_bot_stops_its_voice_and_truncates_at_what_was_heard(
     assistant: Assistant,
 ) -> None:

@@ -20,6 +20,7 @@
 import { AudioIO, PCM_RATE_HZ } from "./audio-io.js";
 
 const DEFAULT_QUERY_TIMEOUT_MS = 10000;
+const TOOL_TIMEOUT_MS = 20000; // a tool the app cannot answer in time is reported to the model as failed
 const RETRY_FIRST_MS = 500;
 const RETRY_MAX_MS = 15000;
 const RETRY_AFTER_MAX_MS = 60000;
@@ -65,6 +66,8 @@ export class RealtimeService {
   #responseActive = false;
   #responseWanted = false;
   #toolCalls = [];
+  #turn = null; // {ended, end} from a response's start until its tool outputs are sent
+  #questionsWaiting = 0;
   #receivedMs = new Map();
   #playedMs = new Map();
   #audioDone = new Set();
@@ -132,13 +135,21 @@ export class RealtimeService {
     this.#emit("onMessage", { id: `typed-${++this.#localIds}`, role: "user", text: question, done: true });
     this.#remember("user", question);
     const generation = this.#generation;
-    // The user is done listening: cut the voice, and the model's copy of it, before it reads the question.
-    return this.#bargeIn().then(() => {
-      if (generation !== this.#generation) return;
-      const content = [{ type: "input_text", text: question }];
-      this.#send({ type: "conversation.item.create", item: { type: "message", role: "user", content } });
-      this.#requestResponse();
-    });
+    this.#questionsWaiting += 1;
+    // The user is done listening: cut the voice, and the model's copy of it; and let the response
+    // end and its tool outputs go first. The model reads the question last, and one response
+    // answers it with those outputs in view.
+    const turnEnded = this.#turn === null ? null : this.#turn.ended;
+    return Promise.all([this.#bargeIn(), turnEnded])
+      .finally(() => {
+        this.#questionsWaiting -= 1;
+      })
+      .then(() => {
+        if (generation !== this.#generation) return;
+        const content = [{ type: "input_text", text: question }];
+        this.#send({ type: "conversation.item.create", item: { type: "message", role: "user", content } });
+        this.#requestResponse();
+      });
   }
 
   getConnectionStatus() {
@@ -301,6 +312,7 @@ export class RealtimeService {
     this.#generation += 1;
     this.#responseActive = this.#responseWanted = false;
     this.#toolCalls = [];
+    this.#endTurn();
     this.#audio.stopPlayback();
     this.#setStatus({ isConnected: false, isConnecting: false, hasSession: false });
     for (const waiter of this.#metadataWaiters) {
@@ -342,9 +354,7 @@ export class RealtimeService {
     "conversation.item.input_audio_transcription.completed": (event) => {
       this.#finishText(event.item_id, "user", event.transcript);
     },
-    "response.created": () => {
-      this.#responseActive = true;
-    },
+    "response.created": () => this.#startTurn(),
     "response.output_audio.delta": (event) => this.#playDelta(event),
     "response.output_audio.done": (event) => {
       this.#audioDone.add(event.item_id);
@@ -371,21 +381,41 @@ export class RealtimeService {
       const item = { type: "function_call_output", call_id: call.callId, output: outputs[index] };
       this.#send({ type: "conversation.item.create", item });
     });
-    // The model speaks about tool results in a response of its own; a typed question waiting
-    // for the interrupted response to end gets its answer now.
-    if ((calls.length > 0 && response?.status === "completed") || this.#responseWanted) {
-      this.#responseWanted = false;
-      this.#requestResponse();
-    }
+    // The model speaks about tool results in a response of its own, and a question that waited
+    // for this response to end wants one too.
+    const wanted = (calls.length > 0 && response?.status === "completed") || this.#responseWanted;
+    this.#responseWanted = wanted && this.#responseActive;
+    // Another response began meanwhile (the server's turn detection): its end asks.
+    if (this.#responseActive) return;
+    this.#endTurn();
+    // A question on its way asks for the response itself, after it, so nothing is asked twice.
+    if (wanted && this.#questionsWaiting === 0) this.#requestResponse();
   }
 
+  /** One response at a time: asked for while one is on, it is asked for when that one ends. */
   #requestResponse() {
-    if (this.#responseActive || this.#toolCalls.length > 0) {
+    if (this.#turn !== null) {
       this.#responseWanted = true;
       return;
     }
-    this.#responseActive = true;
+    this.#startTurn();
     this.#send({ type: "response.create" });
+  }
+
+  #startTurn() {
+    this.#responseActive = true;
+    if (this.#turn !== null) return;
+    let end;
+    const ended = new Promise((resolve) => {
+      end = resolve;
+    });
+    this.#turn = { ended, end };
+  }
+
+  #endTurn() {
+    const turn = this.#turn;
+    this.#turn = null;
+    turn?.end();
   }
 
   // --- tools ---------------------------------------------------------------------------------
@@ -408,6 +438,7 @@ export class RealtimeService {
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ arguments: args }),
         credentials: "same-origin",
+        signal: AbortSignal.timeout(TOOL_TIMEOUT_MS),
       });
       body = await response.json();
     } catch {
