@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -229,6 +230,14 @@ def held(app: ServeProcess, stack: SimStack) -> list[str]:
     return [fd for fd in app.open_fds() if fd.split()[-1] not in pooled]
 
 
+def gained(now: list[str], before: list[str]) -> list[str]:
+    """Descriptors held now beyond those held before. One still closing when `before` was taken
+    (a warm-up stream's socket from the phone or to the Realtime simulator: each peer is done with
+    a connection once its closing handshake is read, maybe before the app's end of it is gone) may
+    be gone since, which is no leak."""
+    return sorted((Counter(now) - Counter(before)).elements())
+
+
 async def active_calls(stack: SimStack) -> int:
     async with httpx.AsyncClient(trust_env=False) as http:
         return int((await http.get(stack.app_url + "/healthz")).json()["calls"]["active"])
@@ -274,7 +283,9 @@ async def test_hostile_streams_end_only_as_the_rows_say_while_a_real_call_beside
         assert ("user", "Do you have washers?") in session.transcript
         assert await active_calls(stack) == 1
         assert await until(lambda: stack.realtime.open_connections == 1, 10.0)
-        assert await until(lambda: held(app, stack) == fds_before, 10.0), (held(app, stack), fds_before)
+        assert await until(lambda: not gained(held(app, stack), fds_before), 10.0), gained(
+            held(app, stack), fds_before
+        )
         assert app.rss_bytes() - rss_before < RSS_GROWTH_MAX_BYTES
         await beside.hang_up()
         log = app.log_text()
