@@ -125,7 +125,8 @@ export class RealtimeService {
   }
 
   /** Sends a typed question; the bot answers it, interrupting itself if it was still speaking.
-   * Throws at once when there is nothing to send or no session; resolves once the question is sent. */
+   * Throws at once when there is nothing to send or no session; resolves once the question is sent
+   * (after the response it interrupts has ended and that response's tool outputs are sent). */
   sendMessage(text) {
     const question = String(text ?? "").trim();
     if (question === "") throw new Error("Type a question first.");
@@ -384,9 +385,12 @@ export class RealtimeService {
     // The model speaks about tool results in a response of its own, and a question that waited
     // for this response to end wants one too.
     const wanted = (calls.length > 0 && response?.status === "completed") || this.#responseWanted;
-    this.#responseWanted = wanted && this.#responseActive;
-    // Another response began meanwhile (the server's turn detection): its end asks.
-    if (this.#responseActive) return;
+    if (this.#responseActive) {
+      // Another response began meanwhile (the server's turn detection): its end asks.
+      this.#responseWanted = wanted;
+      return;
+    }
+    this.#responseWanted = false;
     this.#endTurn();
     // A question on its way asks for the response itself, after it, so nothing is asked twice.
     if (wanted && this.#questionsWaiting === 0) this.#requestResponse();
