@@ -8,13 +8,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
 import pytest
+from polling import until
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -104,8 +105,10 @@ class Stack:
         """Waits until no call is active (the bridge finished its clean-up)."""
         metrics = self.deps.metrics
         await until(
-            lambda: not self.deps.active_calls
-            and ended_calls(metrics) == metrics.sample("voicebot_calls_started_total")
+            lambda: (
+                not self.deps.active_calls
+                and ended_calls(metrics) == metrics.sample("voicebot_calls_started_total")
+            )
         )
 
 
@@ -119,15 +122,6 @@ def rejections(stack: Stack) -> dict[str, float]:
 
 def junk(stack: Stack) -> dict[str, float]:
     return stack.deps.metrics.samples("voicebot_junk_frames_total", "kind")
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Polls state a simulator exposes (they record what happened; they do not signal it)."""
-    for _ in range(int(timeout_s / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise TimeoutError(f"condition not met within {timeout_s} s")
 
 
 def make_app(deps: BridgeDeps) -> Starlette:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
 
 import pytest
+from polling import until
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from bot.settings import PACKAGE_DIR
@@ -155,10 +155,10 @@ async def test_messages_held_while_the_phone_socket_pauses_writing_arrive_once_e
         ]
 
         socket_protocol.pause_writing()  # what its transport calls past the high-water mark
-        await _until(lambda: len(bridge._down) >= HELD_MESSAGES)
+        await until(lambda: len(bridge._down) >= HELD_MESSAGES)
         marks_before = _marks(phone)
         socket_protocol.resume_writing()
-        await _until(lambda: not bridge._down and len(_marks(phone)) >= len(marks_before) + 2 * HELD_MESSAGES)
+        await until(lambda: not bridge._down and len(_marks(phone)) >= len(marks_before) + 2 * HELD_MESSAGES)
         await phone.hang_up()
 
     received_ms = 0
@@ -171,12 +171,6 @@ async def test_messages_held_while_the_phone_socket_pauses_writing_arrive_once_e
             assert int(end_ms) == received_ms, f"mark {event.detail} after {received_ms} ms of audio"
             marks += 1
     assert marks >= len(marks_before) + 2 * HELD_MESSAGES
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(5):
-        while not condition():  # noqa: ASYNC110 (the bridge's queue has no event to wait on)
-            await asyncio.sleep(0.01)
 
 
 def _marks(call: PhoneCall) -> list[str]:

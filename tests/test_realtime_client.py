@@ -7,9 +7,10 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
+from polling import until
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -53,15 +54,6 @@ async def first_events(client: RealtimeClient, count: int) -> list[ServerEvent |
             if len(events) == count:
                 break
     return events
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Polls what the simulator recorded (it records; it does not signal)."""
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise TimeoutError("condition not met within 5 s")
 
 
 async def test_the_first_client_event_is_session_update_from_settings(sim: RealtimeSimulator) -> None:

@@ -3,13 +3,12 @@ outbox and relay, the Realtime simulator, the Twilio REST stand-in and a webhook
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-from collections.abc import Callable
 
 import httpx
 import pytest
+from polling import until
 
 from bot.settings import PACKAGE_DIR
 from bot.sim.realtime import Scenario, ToolCall, Turn
@@ -32,14 +31,6 @@ SEND_DETAILS = Scenario(
     ],
 )
 FAST_RETRIES = {"WEBHOOK_RETRY_SCHEDULE_S": "0.2,0.2,0.2"}
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    for _ in range(int(timeout_s / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise TimeoutError(f"condition not met within {timeout_s} s")
 
 
 async def health(stack: SimStack) -> dict[str, object]:

@@ -10,13 +10,12 @@ the monotonic clock.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from polling import until
 
 from bot.settings import SAMPLE_CATALOG_PATH
 from bot.sim.phone import PhoneCall
@@ -35,15 +34,6 @@ SLACK_S = 0.5
 # later than the bot's clock has it, so the next line may seem to start that much early.
 EARLY_S = 0.15
 TOOL_WAIT_BOUND_S = 1.5
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
-    """Polls what a simulator recorded (they record what happened; they do not signal it)."""
-    for _ in range(int(timeout_s / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise TimeoutError(f"condition not met within {timeout_s} s")
 
 
 class Recorder:
@@ -104,7 +94,7 @@ async def test_a_caller_who_answers_the_question_carries_on_normally() -> None:
     )
     async with SimStack(scenario, env=env, on_twilio_record=twilio) as stack:
         call = await stack.dial(CALLER)
-        await until(lambda: len(call.utterances()) == 2)  # the greeting, then the question
+        await until(lambda: len(call.utterances()) == 2, 15)  # the greeting, then the question
         await call.wait_until_quiet(quiet_ms=300, timeout=10)
         await call.say(read_wav(AUDIO / "caller_washers.wav").data)
         await call.wait_for_audio(timeout=10)
@@ -147,10 +137,12 @@ async def test_with_twilio_slow_to_accept_a_text_the_caller_hears_the_bot_within
         stack.twilio_api.create_delay_s = 3.0
         async with stack.dial(CALLER) as call:
             await ask_for_a_text(call)
-            await until(lambda: len(call.utterances()) == 3)  # the greeting, one moment, the answer
+            await until(lambda: len(call.utterances()) == 3, 15)  # the greeting, one moment, the answer
             await call.wait_until_quiet(quiet_ms=500, timeout=10)
         record = await call_record(stack)
-        await until(lambda: any(d.event["type"] == "products.sent" for d in stack.receiver.acknowledged()))
+        await until(
+            lambda: any(d.event["type"] == "products.sent" for d in stack.receiver.acknowledged()), 15
+        )
     session = stack.realtime.sessions[0]
     [asked_at] = session.turns_ended_at
     heard = [call.dialled_at + start for start, _ in call.utterances()]
